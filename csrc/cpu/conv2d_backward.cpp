@@ -1,0 +1,337 @@
+// TSGB-Conv backward, CPU (see ../../shared/TSGB_SPEC.md, csrc/ops.cpp for the schema).
+//
+// Group-aware rule, per group gi of G (C/G input channels, K/G output channels):
+//   a[n,gi,i] = sum_{c in gi} |x[n,c,i]|
+//   d[n,gi,o] = box sum of a over o's window (conv geometry, dilation; padding contributes 0)
+//   r[b,gi,o] = (sum_{k in gi} grad[b,k,o] * y[b%N,k,o]) / (d[b%N,gi,o] + eps)
+//   t[b,gi,i] = sum over o whose window contains i of r[b,gi,o]   (gather, no atomics)
+//   gx[b,c,i] = sign(x[b%N,c,i]) * t[b,gi(c),i]
+// Only G-channel intermediates are materialised (a, d, r; a is skipped when C/G == 1 and r
+// reuses d's buffer when B == N); t lives in a per-task row buffer and
+// is consumed immediately. Activation traffic: x read twice, grad and y once, gx written once.
+//
+// Intermediates use the layout [P][rows][cols][Ci] with Ci innermost: for NCHW activations
+// Ci = 1 and P = batch*G (one plane per group), for channels_last Ci = G and P = batch, so the
+// box sums run on contiguous spans in both cases.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/tsgb_common.h"
+
+namespace tsgb {
+namespace {
+
+constexpr const char* kOp = "tsgb_ext.conv2d_backward";
+constexpr int64_t kGrainElems = 16384;  // minimum elements of work per parallel task
+
+inline int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
+}
+
+template <typename acc_t>
+inline acc_t sign_of(acc_t v) {
+  return static_cast<acc_t>(v > acc_t(0)) - static_cast<acc_t>(v < acc_t(0));
+}
+
+template <typename acc_t>
+inline void add_span(acc_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+}
+
+// dst += |src| (src is either the non-negative a, or x itself when a group has one channel).
+template <typename acc_t, typename src_t>
+inline void add_abs_span(acc_t* __restrict__ dst, const src_t* __restrict__ src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] += std::abs(static_cast<acc_t>(src[j]));
+}
+
+// d[p,oh,ow,:] = sum over taps (kh,kw) of |a[p, oh*sh-ph+kh*dh, ow*sw-pw+kw*dw, :] (in range).
+template <typename acc_t, typename src_t>
+void box_sum_forward(const src_t* a, acc_t* d, int64_t P, int64_t H, int64_t W, int64_t Ci,
+                     int64_t Ho, int64_t Wo, const Window2d& win) {
+  at::parallel_for(0, P * Ho, grain_for(Wo * Ci * win.kh * win.kw), [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t p = idx / Ho, oh = idx % Ho;
+      acc_t* drow = d + idx * Wo * Ci;
+      std::fill(drow, drow + Wo * Ci, acc_t(0));
+      for (int64_t kh = 0; kh < win.kh; ++kh) {
+        const int64_t ih = oh * win.sh - win.ph + kh * win.dh;
+        if (ih < 0 || ih >= H) continue;
+        const src_t* arow = a + (p * H + ih) * W * Ci;
+        for (int64_t kw = 0; kw < win.kw; ++kw) {
+          const int64_t off = kw * win.dw - win.pw;  // iw = ow*sw + off
+          const int64_t lo = off >= 0 ? 0 : ceil_div_nonneg(-off, win.sw);
+          const int64_t last = W - 1 - off;
+          if (last < 0) continue;
+          const int64_t hi = std::min(Wo, last / win.sw + 1);
+          if (lo >= hi) continue;
+          if (win.sw == 1) {
+            add_abs_span(drow + lo * Ci, arow + (lo + off) * Ci, (hi - lo) * Ci);
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) {
+              add_abs_span(drow + ow * Ci, arow + (ow * win.sw + off) * Ci, Ci);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// trow[w,:] = sum over taps of r_plane[oh, ow, :] with oh = (h+ph-kh*dh)/sh and
+// ow = (w+pw-kw*dw)/sw when divisible and in range (the transposed box sum, gather form).
+template <typename acc_t>
+inline void box_sum_transposed_row(const acc_t* r_plane, acc_t* trow, int64_t h, int64_t W,
+                                   int64_t Ci, int64_t Ho, int64_t Wo, const Window2d& win) {
+  std::fill(trow, trow + W * Ci, acc_t(0));
+  for (int64_t kh = 0; kh < win.kh; ++kh) {
+    const int64_t num = h + win.ph - kh * win.dh;
+    if (num < 0 || num % win.sh != 0) continue;
+    const int64_t oh = num / win.sh;
+    if (oh >= Ho) continue;
+    const acc_t* rrow = r_plane + oh * Wo * Ci;
+    for (int64_t kw = 0; kw < win.kw; ++kw) {
+      const int64_t off = win.pw - kw * win.dw;  // ow = (w + off) / sw
+      int64_t lo = std::max<int64_t>(0, -off);
+      if (win.sw == 1) {
+        const int64_t hi = std::min(W, Wo - off);
+        if (lo < hi) add_span(trow + lo * Ci, rrow + (lo + off) * Ci, (hi - lo) * Ci);
+      } else {
+        const int64_t rem = (lo + off) % win.sw;
+        if (rem != 0) lo += win.sw - rem;
+        const int64_t hi = std::min(W, Wo * win.sw - off);
+        for (int64_t w = lo; w < hi; w += win.sw) {
+          add_span(trow + w * Ci, rrow + ((w + off) / win.sw) * Ci, Ci);
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                            at::Tensor& gx, const Window2d& win, int64_t G, double eps_d,
+                            bool channels_last) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = grad.size(0), N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t K = y.size(1), Ho = y.size(2), Wo = y.size(3);
+  const int64_t Cg = C / G, Kg = K / G;
+  const acc_t eps = static_cast<acc_t>(eps_d);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+
+  const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value)
+                            .memory_format(at::MemoryFormat::Contiguous);
+  // Layout of intermediates: [P][rows][cols][Ci].
+  const int64_t Ci = channels_last ? G : 1;
+  const int64_t Pn = channels_last ? N : N * G;  // activation-level planes
+  const int64_t Pb = channels_last ? B : B * G;  // gradient-level planes
+  // With one input channel per group, a = |x|: the box sums read x directly and a is never
+  // formed. With one target (B == N), r overwrites d in place (same index, read before write).
+  const bool a_is_x = Cg == 1;
+  at::Tensor a_t = a_is_x ? at::Tensor() : at::empty({Pn * H * W * Ci}, acc_opts);
+  at::Tensor d_t = at::empty({Pn * Ho * Wo * Ci}, acc_opts);
+  at::Tensor r_t = B == N ? d_t : at::empty({Pb * Ho * Wo * Ci}, acc_opts);
+  acc_t* a = a_is_x ? nullptr : a_t.mutable_data_ptr<acc_t>();
+  acc_t* d = d_t.mutable_data_ptr<acc_t>();
+  acc_t* r = r_t.mutable_data_ptr<acc_t>();
+  const int64_t HW = H * W, HoWo = Ho * Wo;
+
+  // 1. a = group sums of |x| (first read of x).
+  if (a_is_x) {
+    // nothing to do: a = |x|
+  } else if (!channels_last) {
+    at::parallel_for(0, N * G * H, grain_for(W * Cg), [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t ng = idx / H, h = idx % H;  // ng = n*G + g
+        acc_t* arow = a + idx * W;
+        std::fill(arow, arow + W, acc_t(0));
+        const scalar_t* xrow = xp + (ng * Cg * H + h) * W;  // channel n*C + g*Cg
+        for (int64_t c = 0; c < Cg; ++c, xrow += HW) {
+          for (int64_t w = 0; w < W; ++w) arow[w] += std::abs(static_cast<acc_t>(xrow[w]));
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, N * HW, grain_for(C), [&](int64_t begin, int64_t end) {
+      for (int64_t pix = begin; pix < end; ++pix) {
+        const scalar_t* xpix = xp + pix * C;
+        acc_t* apix = a + pix * G;
+        for (int64_t g = 0; g < G; ++g) {
+          acc_t s = 0;
+          const scalar_t* xc = xpix + g * Cg;
+          for (int64_t c = 0; c < Cg; ++c) s += std::abs(static_cast<acc_t>(xc[c]));
+          apix[g] = s;
+        }
+      }
+    });
+  }
+
+  // 2. d = box sums of a (activation level, shared by all T targets).
+  if (a_is_x) {
+    box_sum_forward<acc_t, scalar_t>(xp, d, Pn, H, W, Ci, Ho, Wo, win);
+  } else {
+    box_sum_forward<acc_t, acc_t>(a, d, Pn, H, W, Ci, Ho, Wo, win);
+  }
+
+  // 3. r = (group sums of grad*y) / (d + eps) (the only read of grad and y).
+  if (!channels_last) {
+    at::parallel_for(0, B * G * Ho, grain_for(Wo * Kg), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sbuf(Wo);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t bg = idx / Ho, oh = idx % Ho;
+        const int64_t b = bg / G, g = bg % G, n = b % N;
+        acc_t* srow = sbuf.data();
+        acc_t* rrow = r + idx * Wo;
+        std::fill(srow, srow + Wo, acc_t(0));
+        const scalar_t* grow = gp + ((b * K + g * Kg) * Ho + oh) * Wo;
+        const scalar_t* yrow = yp + ((n * K + g * Kg) * Ho + oh) * Wo;
+        for (int64_t k = 0; k < Kg; ++k, grow += HoWo, yrow += HoWo) {
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            srow[ow] += static_cast<acc_t>(grow[ow]) * static_cast<acc_t>(yrow[ow]);
+          }
+        }
+        const acc_t* drow = d + ((n * G + g) * Ho + oh) * Wo;
+        for (int64_t ow = 0; ow < Wo; ++ow) rrow[ow] = srow[ow] / (drow[ow] + eps);
+      }
+    });
+  } else {
+    at::parallel_for(0, B * HoWo, grain_for(K), [&](int64_t begin, int64_t end) {
+      for (int64_t pix = begin; pix < end; ++pix) {
+        const int64_t b = pix / HoWo, po = pix % HoWo, n = b % N;
+        const scalar_t* gpix = gp + pix * K;
+        const scalar_t* ypix = yp + (n * HoWo + po) * K;
+        const acc_t* dpix = d + (n * HoWo + po) * G;
+        acc_t* rpix = r + pix * G;
+        if (Kg == 1) {  // one output channel per group: a contiguous vector loop
+          for (int64_t g = 0; g < G; ++g) {
+            rpix[g] = static_cast<acc_t>(gpix[g]) * static_cast<acc_t>(ypix[g]) / (dpix[g] + eps);
+          }
+          continue;
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          acc_t s = 0;
+          const scalar_t* gk = gpix + g * Kg;
+          const scalar_t* yk = ypix + g * Kg;
+          for (int64_t k = 0; k < Kg; ++k) s += static_cast<acc_t>(gk[k]) * static_cast<acc_t>(yk[k]);
+          rpix[g] = s / (dpix[g] + eps);
+        }
+      }
+    });
+  }
+
+  // 4+5. t row by row (transposed box sum into a task-local buffer), then
+  //      gx = sign(x) * t (second read of x, the only write of gx).
+  if (!channels_last) {
+    at::parallel_for(0, B * G * H, grain_for(W * (Cg + win.kh * win.kw)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tbuf(W);
+      acc_t* trow = tbuf.data();
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t bg = idx / H, h = idx % H;
+        const int64_t b = bg / G, g = bg % G, n = b % N;
+        box_sum_transposed_row<acc_t>(r + bg * HoWo, trow, h, W, 1, Ho, Wo, win);
+        const scalar_t* xrow = xp + ((n * C + g * Cg) * H + h) * W;
+        scalar_t* gxrow = gxp + ((b * C + g * Cg) * H + h) * W;
+        for (int64_t c = 0; c < Cg; ++c, xrow += HW, gxrow += HW) {
+          for (int64_t w = 0; w < W; ++w) {
+            gxrow[w] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xrow[w])) * trow[w]);
+          }
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, B * H, grain_for(W * (C + G * win.kh * win.kw)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tbuf(W * G);
+      acc_t* trow = tbuf.data();
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / H, h = idx % H, n = b % N;
+        box_sum_transposed_row<acc_t>(r + b * HoWo * G, trow, h, W, G, Ho, Wo, win);
+        const scalar_t* xrow = xp + (n * H + h) * W * C;
+        scalar_t* gxrow = gxp + idx * W * C;
+        for (int64_t w = 0; w < W; ++w) {
+          const scalar_t* xpix = xrow + w * C;
+          scalar_t* gpix = gxrow + w * C;
+          const acc_t* tpix = trow + w * G;
+          if (G == 1) {
+            const acc_t tv = tpix[0];
+            for (int64_t c = 0; c < C; ++c) {
+              gpix[c] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xpix[c])) * tv);
+            }
+          } else if (Cg == 1) {
+            for (int64_t c = 0; c < C; ++c) {
+              gpix[c] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xpix[c])) * tpix[c]);
+            }
+          } else {
+            for (int64_t g = 0; g < G; ++g) {
+              const acc_t tv = tpix[g];
+              for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+                gpix[c] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xpix[c])) * tv);
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               double eps) {
+  check_4d(kOp, "grad", grad);
+  check_4d(kOp, "x", x);
+  check_4d(kOp, "y", y);
+  check_floating(kOp, "x", x);
+  check_same_device_dtype(kOp, "grad", grad, x);
+  check_same_device_dtype(kOp, "y", y, x);
+  TORCH_CHECK(x.device().is_cpu(), kOp, ": CPU kernel called with x on ", x.device());
+  const Window2d win = make_window(kOp, kernel_size, stride, padding, dilation);
+  TORCH_CHECK(groups > 0, kOp, ": groups must be positive, got ", groups);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t K = y.size(1), Ho = y.size(2), Wo = y.size(3);
+  TORCH_CHECK(y.size(0) == N, kOp, ": y must have x's batch ", N, ", got y of shape ", y.sizes());
+  TORCH_CHECK(C % groups == 0, kOp, ": x's channels (", C, ") must be divisible by groups (",
+              groups, "), got x of shape ", x.sizes());
+  TORCH_CHECK(K % groups == 0, kOp, ": y's channels (", K, ") must be divisible by groups (",
+              groups, "), got y of shape ", y.sizes());
+  TORCH_CHECK(grad.size(1) == K && grad.size(2) == Ho && grad.size(3) == Wo, kOp,
+              ": grad must have y's shape (B, ", K, ", ", Ho, ", ", Wo, "), got ", grad.sizes());
+  const int64_t B = grad.size(0);
+  check_target_batch(kOp, grad, N);
+  const at::MemoryFormat fmt = pick_memory_format(x);
+  if (x.numel() == 0 || grad.numel() == 0) {
+    return at::zeros({B, C, H, W}, x.options().memory_format(fmt));
+  }
+  const int64_t eHo = conv_out_size(H, win.kh, win.sh, win.ph, win.dh);
+  const int64_t eWo = conv_out_size(W, win.kw, win.sw, win.pw, win.dw);
+  TORCH_CHECK(Ho == eHo && Wo == eWo, kOp, ": y's spatial size must be the conv output size (",
+              eHo, ", ", eWo, ") for x of shape ", x.sizes(), " and kernel_size ", kernel_size,
+              ", stride ", stride, ", padding ", padding, ", dilation ", dilation, "; got y of shape ",
+              y.sizes());
+
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor yc = y.contiguous(fmt);
+  const at::Tensor gc = grad.contiguous(fmt);
+  at::Tensor gx = at::empty({B, C, H, W}, x.options().memory_format(fmt));
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsgb_conv2d_backward_cpu", [&] {
+    conv2d_backward_kernel<scalar_t>(gc, xc, yc, gx, win, groups, eps, cl);
+  });
+  return gx;
+}
+
+}  // namespace
+}  // namespace tsgb
+
+TORCH_LIBRARY_IMPL(tsgb_ext, CPU, m) {
+  m.impl("conv2d_backward", &tsgb::conv2d_backward_cpu);
+}

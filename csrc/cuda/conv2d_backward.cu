@@ -1,0 +1,460 @@
+// TSGB-Conv backward on CUDA (group-aware rule of shared/TSGB_SPEC.md).
+//
+// Per group gi (C/G input channels, K/G output channels), per gradient sample b (activation
+// sample n = b % N):
+//   s[b,gi,o] = sum_{k in gi} grad[b,k,o] * y[n,k,o]
+//   a[n,gi,i] = sum_{c in gi} |x[n,c,i]|
+//   r[b,gi,o] = s[b,gi,o] / (boxsum_window(o) a[n,gi,.] + eps)
+//   gx[b,c,i] = sign(x[n,c,i]) * sum_{o : window(o) contains i} r[b,gi(c),o]
+//
+// Three kernels, no weights, no convolution, no atomics:
+//   1. group_reduce: s (from grad, y) and a (from x), channel reductions at every position
+//      (two launches of one kernel). fp32 results, G channels per sample.
+//   2. ratio: r = s / (box sum of a + eps) at output positions, in place over s.
+//   3. gather_sign: t = transposed box sum of r (gather form: for each tap, the output that
+//      covers this input, if the stride divides) fused with gx = sign(x) * t over x's channels.
+// Bytes: grad, y read once; x read twice (|x| reduction, sign); gx written once; the fp32
+// intermediates hold G channels (1 for groups == 1) per sample.
+//
+// Layout: everything is iterated in the memory format x suggests (NCHW or channels_last); the
+// G-channel intermediates use the matching layout ([B,G,P] or [B,P,G]) so every access is
+// coalesced: NCHW kernels put threads along spatial positions (blockDim.x) and split the
+// channel loop over blockDim.y; channels_last kernels put lanes along the channels of a group
+// (blockDim.x, a power of two <= 32) and reduce with warp shuffles.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "cuda/tsgb_cuda.cuh"
+
+namespace tsgb {
+namespace {
+
+using cuda_detail::kThreads;
+
+// Window geometry in 32-bit: the per-tap arithmetic stays out of 64-bit division.
+struct Geom {
+  int kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+// ---------------------------------------------------------------------------------------------
+// 1. Channel-group reduction. out[b, g, p] = sum_{j < cpg} f(a[b, g*cpg + j, p], m[b % Nm, ...])
+//    with f = product (PROD) or |a| (!PROD).
+
+// NCHW: block (TX, TY); tx along positions, ty splits the channel loop, shared-memory combine.
+template <typename scalar_t, typename acc_t, typename index_t, bool PROD>
+__global__ void group_reduce_nchw_kernel(const scalar_t* __restrict__ a,
+                                         const scalar_t* __restrict__ m, acc_t* __restrict__ out,
+                                         index_t Bo, index_t Nm, index_t Cch, index_t G,
+                                         index_t P) {
+  __shared__ acc_t sm[kThreads];
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const index_t cpg = Cch / G;
+  const index_t tiles = (P + TX - 1) / TX;
+  const index_t items = Bo * G * tiles;
+  for (index_t it = blockIdx.x; it < items; it += gridDim.x) {
+    const index_t tile = it % tiles;
+    const index_t bg = it / tiles;
+    const index_t g = bg % G;
+    const index_t b = bg / G;
+    const index_t p = tile * TX + tx;
+    acc_t acc = acc_t(0);
+    if (p < P) {
+      const scalar_t* ap = a + (b * Cch + g * cpg) * P + p;
+      if constexpr (PROD) {
+        const scalar_t* mp = m + ((b % Nm) * Cch + g * cpg) * P + p;
+        for (index_t j = ty; j < cpg; j += TY) {
+          acc += static_cast<acc_t>(ap[j * P]) * static_cast<acc_t>(mp[j * P]);
+        }
+      } else {
+        for (index_t j = ty; j < cpg; j += TY) {
+          const acc_t v = static_cast<acc_t>(ap[j * P]);
+          acc += v < acc_t(0) ? -v : v;
+        }
+      }
+    }
+    if (TY > 1) {  // block-uniform
+      sm[ty * TX + tx] = acc;
+      __syncthreads();
+      if (ty == 0) {
+        for (int k = 1; k < TY; ++k) acc += sm[k * TX + tx];
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && p < P) out[(b * G + g) * P + p] = acc;
+  }
+}
+
+// channels_last: block (TX, TY); TX lanes (power of two <= 32) along a group's channels, ty
+// picks the (b, p, g) item (g fastest). Lane-group shuffle reduction.
+template <typename scalar_t, typename acc_t, typename index_t, bool PROD>
+__global__ void group_reduce_cl_kernel(const scalar_t* __restrict__ a,
+                                       const scalar_t* __restrict__ m, acc_t* __restrict__ out,
+                                       index_t Bo, index_t Nm, index_t Cch, index_t G,
+                                       index_t P) {
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const index_t cpg = Cch / G;
+  const index_t items = Bo * P * G;
+  for (index_t base = static_cast<index_t>(blockIdx.x) * TY; base < items;
+       base += static_cast<index_t>(gridDim.x) * TY) {  // block-uniform loop
+    const index_t item = base + ty;
+    const bool valid = item < items;
+    acc_t acc = acc_t(0);
+    if (valid) {
+      const index_t g = item % G;
+      const index_t bp = item / G;  // b * P + p
+      const scalar_t* ap = a + bp * Cch + g * cpg;
+      if constexpr (PROD) {
+        const index_t b = bp / P;
+        const index_t mrow = bp - (b - b % Nm) * P;  // (b % Nm) * P + p
+        const scalar_t* mp = m + mrow * Cch + g * cpg;
+        for (index_t j = tx; j < cpg; j += TX) {
+          acc += static_cast<acc_t>(ap[j]) * static_cast<acc_t>(mp[j]);
+        }
+      } else {
+        for (index_t j = tx; j < cpg; j += TX) {
+          const acc_t v = static_cast<acc_t>(ap[j]);
+          acc += v < acc_t(0) ? -v : v;
+        }
+      }
+    }
+    acc = cuda_detail::lane_group_allreduce(acc, TX);
+    if (valid && tx == 0) out[item] = acc;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. r = s / (box sum of a over o's window + eps), in place over s. s: Bo samples; a: N samples.
+template <typename acc_t, typename index_t, bool CL>
+__global__ void ratio_kernel(acc_t* __restrict__ s, const acc_t* __restrict__ a, index_t Bo,
+                             index_t N, index_t G, index_t H, index_t W, index_t Ho, index_t Wo,
+                             Geom w, acc_t eps) {
+  const index_t total = Bo * G * Ho * Wo;
+  for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t g, oh, ow, b, t;
+    if constexpr (CL) {
+      g = e % G; t = e / G;
+      ow = t % Wo; t /= Wo;
+      oh = t % Ho; b = t / Ho;
+    } else {
+      ow = e % Wo; t = e / Wo;
+      oh = t % Ho; t /= Ho;
+      g = t % G; b = t / G;
+    }
+    const index_t n = b % N;
+    const index_t h0 = oh * w.sh - w.ph;
+    const index_t w0 = ow * w.sw - w.pw;
+    acc_t d = acc_t(0);
+    for (index_t ky = 0; ky < w.kh; ++ky) {
+      const index_t ih = h0 + ky * w.dh;
+      if (ih < 0 || ih >= H) continue;
+      for (index_t kx = 0; kx < w.kw; ++kx) {
+        const index_t iw = w0 + kx * w.dw;
+        if (iw < 0 || iw >= W) continue;
+        const index_t idx = CL ? ((n * H + ih) * W + iw) * G + g : ((n * G + g) * H + ih) * W + iw;
+        d += a[idx];
+      }
+    }
+    s[e] = s[e] / (d + eps);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. gx[b, c, i] = sign(x[b % N, c, i]) * t[b, g(c), i], t = transposed box sum of r.
+
+// Sum of r over the outputs whose window contains input (ih, iw): for each tap (ky, kx) the
+// output o with o * stride + tap * dilation = i + pad, if the stride divides and o is in range.
+// Taps tap0, tap0 + tap_step, ... (row-major over kh x kw); all spatial math in 32 bits.
+template <typename acc_t, typename index_t, bool CL>
+__device__ __forceinline__ acc_t gather_r(const acc_t* __restrict__ r, index_t b, index_t g,
+                                          int ih, int iw, index_t G, int Ho, int Wo,
+                                          const Geom& w, int tap0, int tap_step) {
+  acc_t acc = acc_t(0);
+  // output index along one axis for input coordinate v + pad - tap * dil, or -1 if none;
+  // stride 1 (the common case, warp-uniform branch) needs no division
+  auto out_of = [](int hh, int s, int lim) -> int {
+    if (hh < 0) return -1;
+    int o = hh;
+    if (s != 1) {
+      o = hh / s;
+      if (o * s != hh) return -1;
+    }
+    return o < lim ? o : -1;
+  };
+  if (tap_step == 1) {
+    for (int ky = 0; ky < w.kh; ++ky) {
+      const int hh = ih + w.ph - ky * w.dh;
+      if (hh < 0) break;  // decreasing in ky
+      const int oh = out_of(hh, w.sh, Ho);
+      if (oh < 0) continue;
+      for (int kx = 0; kx < w.kw; ++kx) {
+        const int ww = iw + w.pw - kx * w.dw;
+        if (ww < 0) break;
+        const int ow = out_of(ww, w.sw, Wo);
+        if (ow < 0) continue;
+        acc += r[CL ? ((b * Ho + oh) * Wo + ow) * G + g : ((b * G + g) * Ho + oh) * Wo + ow];
+      }
+    }
+  } else {
+    // taps tap0, tap0 + tap_step, ... in row-major (ky, kx) order, stepped without division
+    int ky = tap0 / w.kw;
+    int kx = tap0 - ky * w.kw;
+    const int dky = tap_step / w.kw;
+    const int dkx = tap_step - dky * w.kw;
+    while (ky < w.kh) {
+      const int oh = out_of(ih + w.ph - ky * w.dh, w.sh, Ho);
+      const int ow = out_of(iw + w.pw - kx * w.dw, w.sw, Wo);
+      if (oh >= 0 && ow >= 0) {
+        acc += r[CL ? ((b * Ho + oh) * Wo + ow) * G + g : ((b * G + g) * Ho + oh) * Wo + ow];
+      }
+      ky += dky;
+      kx += dkx;
+      if (kx >= w.kw) {
+        kx -= w.kw;
+        ++ky;
+      }
+    }
+  }
+  return acc;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t signed_share(scalar_t xv, acc_t t) {
+  const acc_t sg = cuda_detail::sign_of(static_cast<acc_t>(xv));
+  // sign 0 gives exactly 0 (never 0 * inf)
+  return cuda_detail::store_cast<scalar_t>(sg == acc_t(0) ? acc_t(0) : sg * t);
+}
+
+// NCHW: block (TX, TY); row ty == 0 gathers t for TX positions into shared memory, then all
+// rows write the group's channels (split over ty), coalesced along positions.
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void gather_sign_nchw_kernel(const acc_t* __restrict__ r,
+                                        const scalar_t* __restrict__ x,
+                                        scalar_t* __restrict__ gx, index_t B, index_t N,
+                                        index_t C, index_t G, index_t H, index_t W, index_t Ho,
+                                        index_t Wo, Geom w) {
+  __shared__ acc_t tsm[kThreads];
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const index_t cpg = C / G;
+  const index_t P = H * W;
+  const index_t tiles = (P + TX - 1) / TX;
+  const index_t items = B * G * tiles;
+  for (index_t it = blockIdx.x; it < items; it += gridDim.x) {
+    const index_t tile = it % tiles;
+    const index_t bg = it / tiles;
+    const index_t g = bg % G;
+    const index_t b = bg / G;
+    const index_t p = tile * TX + tx;
+    if (ty == 0 && p < P) {
+      const int ih = static_cast<int>(p / W);
+      tsm[tx] = gather_r<acc_t, index_t, false>(r, b, g, ih, static_cast<int>(p - ih * W), G,
+                                                static_cast<int>(Ho), static_cast<int>(Wo), w, 0, 1);
+    }
+    __syncthreads();
+    if (p < P) {
+      const acc_t t = tsm[tx];
+      const scalar_t* xp = x + ((b % N) * C + g * cpg) * P + p;
+      scalar_t* gp = gx + (b * C + g * cpg) * P + p;
+      for (index_t j = ty; j < cpg; j += TY) gp[j * P] = signed_share(xp[j * P], t);
+    }
+    __syncthreads();
+  }
+}
+
+// channels_last: block (TX, TY); the TX lanes of an item (b, p, g) split the kh*kw taps, combine
+// with shuffles, then write the group's channels (contiguous) lane-strided.
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void gather_sign_cl_kernel(const acc_t* __restrict__ r, const scalar_t* __restrict__ x,
+                                      scalar_t* __restrict__ gx, index_t B, index_t N, index_t C,
+                                      index_t G, index_t H, index_t W, index_t Ho, index_t Wo,
+                                      Geom w) {
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const index_t cpg = C / G;
+  const index_t P = H * W;
+  const index_t items = B * P * G;
+  for (index_t base = static_cast<index_t>(blockIdx.x) * TY; base < items;
+       base += static_cast<index_t>(gridDim.x) * TY) {  // block-uniform loop
+    const index_t item = base + ty;
+    const bool valid = item < items;
+    index_t g = 0, bp = 0, b = 0, p = 0;
+    acc_t t = acc_t(0);
+    if (valid) {
+      g = item % G;
+      bp = item / G;
+      b = bp / P;
+      p = bp - b * P;
+      const int ih = static_cast<int>(p / W);
+      t = gather_r<acc_t, index_t, true>(r, b, g, ih, static_cast<int>(p - ih * W), G,
+                                         static_cast<int>(Ho), static_cast<int>(Wo), w, tx, TX);
+    }
+    t = cuda_detail::lane_group_allreduce(t, TX);
+    if (valid) {
+      const scalar_t* xp = x + ((b % N) * P + p) * C + g * cpg;
+      scalar_t* gp = gx + bp * C + g * cpg;
+      for (index_t j = tx; j < cpg; j += TX) gp[j] = signed_share(xp[j], t);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+
+// Rows (blockDim.y) splitting an NCHW channel loop of `cpg` channels over P positions: more
+// rows when positions are few (keeps the GPU busy on 7x7 maps with 2048 channels).
+inline dim3 nchw_block(int64_t cpg, int64_t P) {
+  const int cap = P >= 4096 ? 8 : (P >= 256 ? 16 : 32);
+  const int ty = cuda_detail::pow2_at_least(cpg, cap);
+  return dim3(kThreads / ty, ty);
+}
+
+inline dim3 cl_block(int64_t lanes_wanted) {
+  const int tx = cuda_detail::pow2_at_least(lanes_wanted, 32);
+  return dim3(tx, kThreads / tx);
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, bool PROD>
+void launch_group_reduce(bool cl, const scalar_t* a, const scalar_t* m, acc_t* out, int64_t Bo,
+                         int64_t Nm, int64_t Cch, int64_t G, int64_t P, cudaStream_t stream) {
+  const int64_t cpg = Cch / G;
+  if (cl) {
+    const dim3 block = cl_block(cpg);
+    const unsigned int grid = cuda_detail::grid_for(Bo * P * G, block.y);
+    group_reduce_cl_kernel<scalar_t, acc_t, index_t, PROD>
+        <<<grid, block, 0, stream>>>(a, m, out, Bo, Nm, Cch, G, P);
+  } else {
+    const dim3 block = nchw_block(cpg, P);
+    const unsigned int grid = cuda_detail::grid_for(Bo * G * ((P + block.x - 1) / block.x), 1);
+    group_reduce_nchw_kernel<scalar_t, acc_t, index_t, PROD>
+        <<<grid, block, 0, stream>>>(a, m, out, Bo, Nm, Cch, G, P);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// All launches of one call. index_t is int32_t when every flat index fits (the common case:
+// 32-bit division is several times cheaper than 64-bit), else int64_t.
+template <typename scalar_t, typename index_t>
+void run_conv2d_backward(bool cl, const at::Tensor& grad, const at::Tensor& x,
+                         const at::Tensor& y, at::Tensor& gx, int64_t B, int64_t N, int64_t C,
+                         int64_t K, int64_t G, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                         const Geom& geom, double eps, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor s = at::empty({B * G * Ho * Wo}, acc_opts);  // becomes r
+  at::Tensor a = at::empty({N * G * H * W}, acc_opts);
+  acc_t* s_ptr = s.mutable_data_ptr<acc_t>();
+  acc_t* a_ptr = a.mutable_data_ptr<acc_t>();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+
+  launch_group_reduce<scalar_t, acc_t, index_t, true>(cl, grad.const_data_ptr<scalar_t>(),
+                                                      y.const_data_ptr<scalar_t>(), s_ptr, B, N,
+                                                      K, G, Ho * Wo, stream);
+  launch_group_reduce<scalar_t, acc_t, index_t, false>(cl, x_ptr, nullptr, a_ptr, N, 1, C, G,
+                                                       H * W, stream);
+  {
+    const unsigned int grid = cuda_detail::grid_for(B * G * Ho * Wo, kThreads);
+    if (cl) {
+      ratio_kernel<acc_t, index_t, true><<<grid, kThreads, 0, stream>>>(
+          s_ptr, a_ptr, B, N, G, H, W, Ho, Wo, geom, static_cast<acc_t>(eps));
+    } else {
+      ratio_kernel<acc_t, index_t, false><<<grid, kThreads, 0, stream>>>(
+          s_ptr, a_ptr, B, N, G, H, W, Ho, Wo, geom, static_cast<acc_t>(eps));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  scalar_t* gx_ptr = gx.mutable_data_ptr<scalar_t>();
+  const int64_t cpg = C / G;
+  if (cl) {
+    const int64_t taps = int64_t{geom.kh} * geom.kw;
+    const dim3 block = cl_block(std::max<int64_t>(cpg, std::min<int64_t>(taps, 4)));
+    const unsigned int grid = cuda_detail::grid_for(B * H * W * G, block.y);
+    gather_sign_cl_kernel<scalar_t, acc_t, index_t><<<grid, block, 0, stream>>>(
+        s_ptr, x_ptr, gx_ptr, B, N, C, G, H, W, Ho, Wo, geom);
+  } else {
+    const dim3 block = nchw_block(cpg, H * W);
+    const unsigned int grid = cuda_detail::grid_for(B * G * ((H * W + block.x - 1) / block.x), 1);
+    gather_sign_nchw_kernel<scalar_t, acc_t, index_t><<<grid, block, 0, stream>>>(
+        s_ptr, x_ptr, gx_ptr, B, N, C, G, H, W, Ho, Wo, geom);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor conv2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                const at::Tensor& y_in, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, int64_t groups, double eps) {
+  constexpr const char* op = "tsgb_ext.conv2d_backward";
+  check_4d(op, "grad", grad_in);
+  check_4d(op, "x", x_in);
+  check_4d(op, "y", y_in);
+  cuda_detail::check_cuda(op, "x", x_in);
+  check_floating(op, "x", x_in);
+  check_same_device_dtype(op, "grad", grad_in, x_in);
+  check_same_device_dtype(op, "y", y_in, x_in);
+  const Window2d win = make_window(op, kernel_size, stride, padding, dilation);
+  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
+
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t K = y_in.size(1);
+  const int64_t Ho = conv_out_size(H, win.kh, win.sh, win.ph, win.dh);
+  const int64_t Wo = conv_out_size(W, win.kw, win.sw, win.pw, win.dw);
+  TORCH_CHECK(C % groups == 0, op, ": x's channels (", C, ") must be divisible by groups (",
+              groups, "); x has shape ", x_in.sizes());
+  TORCH_CHECK(K % groups == 0, op, ": y's channels (", K, ") must be divisible by groups (",
+              groups, "); y has shape ", y_in.sizes());
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, op, ": the window (kernel_size ", kernel_size, ", stride ",
+              stride, ", padding ", padding, ", dilation ", dilation,
+              ") does not fit x's spatial size; x has shape ", x_in.sizes());
+  TORCH_CHECK(y_in.size(0) == N && y_in.size(2) == Ho && y_in.size(3) == Wo, op,
+              ": y must have shape (", N, ", K, ", Ho, ", ", Wo,
+              ") for x of shape ", x_in.sizes(), " and this window, got ", y_in.sizes());
+  TORCH_CHECK(grad_in.size(1) == K && grad_in.size(2) == Ho && grad_in.size(3) == Wo, op,
+              ": grad must have shape (B, ", K, ", ", Ho, ", ", Wo, ") like y, got ",
+              grad_in.sizes());
+  check_target_batch(op, grad_in, N);
+  const int64_t B = grad_in.size(0);
+  const int64_t G = groups;
+
+  c10::cuda::OptionalCUDAGuard device_guard(x_in.device());
+  const at::MemoryFormat mf = pick_memory_format(x_in);
+  const bool cl = mf == at::MemoryFormat::ChannelsLast;
+  at::Tensor gx = at::empty({B, C, H, W}, x_in.options().memory_format(mf));
+  if (gx.numel() == 0) return gx;
+  if (K == 0) return gx.zero_();  // no outputs: nothing to share
+
+  const at::Tensor x = x_in.contiguous(mf);
+  const at::Tensor y = y_in.contiguous(mf);
+  const at::Tensor grad = grad_in.contiguous(mf);
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max() / 2;
+  TORCH_CHECK(H + 2 * win.ph < kIntMax && W + 2 * win.pw < kIntMax &&
+                  win.kh * win.dh < kIntMax && win.kw * win.dw < kIntMax && win.sh < kIntMax &&
+                  win.sw < kIntMax, op, ": spatial sizes and window must fit in 32 bits");
+  const Geom geom{static_cast<int>(win.kh), static_cast<int>(win.kw), static_cast<int>(win.sh),
+                  static_cast<int>(win.sw), static_cast<int>(win.ph), static_cast<int>(win.pw),
+                  static_cast<int>(win.dh), static_cast<int>(win.dw)};
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // Flat indices (and a grid-stride step past them) must fit the index type.
+  const int64_t biggest = std::max({gx.numel(), grad.numel(), y.numel(), B * G * Ho * Wo});
+  const bool use32 = biggest < kIntMax;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsgb_conv2d_backward_cuda", [&] {
+    if (use32) {
+      run_conv2d_backward<scalar_t, int32_t>(cl, grad, x, y, gx, B, N, C, K, G, H, W, Ho, Wo,
+                                             geom, eps, stream);
+    } else {
+      run_conv2d_backward<scalar_t, int64_t>(cl, grad, x, y, gx, B, N, C, K, G, H, W, Ho, Wo,
+                                             geom, eps, stream);
+    }
+  });
+  return gx;
+}
+
+}  // namespace
+}  // namespace tsgb
+
+TORCH_LIBRARY_IMPL(tsgb_ext, CUDA, m) {
+  m.impl("conv2d_backward", &tsgb::conv2d_backward_cuda);
+}

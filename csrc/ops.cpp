@@ -1,0 +1,104 @@
+// Every op schema of tsgb_ext, in one place.
+//
+// Forward ops return exactly what torch's own functional op returns (they call it), and are
+// registered as CompositeExplicitAutograd so that the autograd formula registered from Python
+// (tsgb_ext/_ops.py, torch.library.register_autograd) reaches the TSGB backward ops below.
+//
+// Backward ops implement the rules of ../shared/TSGB_SPEC.md. Device kernels live in
+// csrc/cpu/<rule>.cpp and csrc/cuda/<rule>.cu, one dispatch key per file.
+//
+// Batched targets: every backward op accepts a gradient whose batch is a positive multiple
+// T*N of the saved activations' batch N; gradient sample b pairs with activation sample b % N
+// and the result has the gradient's batch. This lets T targets reuse one forward's activations.
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "common/tsgb_common.h"
+
+namespace tsgb {
+namespace {
+
+at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+}
+
+at::Tensor batch_norm_forward(const at::Tensor& x, const at::Tensor& running_mean,
+                              const at::Tensor& running_var,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, double eps) {
+  return at::batch_norm(x, weight, bias, running_mean, running_var, /*training=*/false,
+                        /*momentum=*/0.0, eps, at::globalContext().userEnabledCuDNN());
+}
+
+at::Tensor avg_pool2d_forward(const at::Tensor& x, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                              bool count_include_pad, std::optional<int64_t> divisor_override) {
+  return at::avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                        divisor_override);
+}
+
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias) {
+  return at::linear(x, weight, bias);
+}
+
+}  // namespace
+}  // namespace tsgb
+
+// The compiled module itself is empty: importing it runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace tsgb {
+namespace {
+bool built_with_cuda() {
+#ifdef TSGB_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+}  // namespace tsgb
+
+TORCH_LIBRARY(tsgb_ext, m) {
+  // Whether CUDA kernels were compiled into this build.
+  m.def("built_with_cuda() -> bool", &tsgb::built_with_cuda);
+  // ---- forward ops (outputs bit-identical to torch's) ----
+  m.def("conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  m.def("batch_norm(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
+        "Tensor? bias, float eps) -> Tensor");
+  m.def("avg_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
+  // ---- backward rules ----
+  // TSGB-Conv, group-aware. y is the conv output (bias included).
+  m.def("conv2d_backward(Tensor grad, Tensor x, Tensor y, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, float eps) -> Tensor");
+  // BatchNorm: gx = g * y / (x + eps), with y = x * scale[c] + shift[c] recomputed in
+  // registers (the eval-mode BN is that affine map), so y is never stored or re-read.
+  m.def("batch_norm_backward(Tensor grad, Tensor x, Tensor scale, Tensor shift, float eps) "
+        "-> Tensor");
+  // AvgPool2d: gx = avg_pool2d_backward(g * y) / (x + eps).
+  m.def("avg_pool2d_backward(Tensor grad, Tensor x, Tensor y, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
+        "int? divisor_override, float eps) -> Tensor");
+  // TSGB-FC: zp = x W+^T, zn = x W-^T, beta = zp/|zn| (0 where |zn| <= eps),
+  // gx = g W+ + (g * beta) W-.  x: (N, in), grad: (T*N, out), weight_pos/neg: (out, in).
+  m.def("linear_backward(Tensor grad, Tensor x, Tensor weight_pos, Tensor weight_neg, "
+        "float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tsgb_ext, CompositeExplicitAutograd, m) {
+  m.impl("conv2d", &tsgb::conv2d_forward);
+  m.impl("batch_norm", &tsgb::batch_norm_forward);
+  m.impl("avg_pool2d", &tsgb::avg_pool2d_forward);
+  m.impl("linear", &tsgb::linear_forward);
+}

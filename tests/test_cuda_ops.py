@@ -1,0 +1,533 @@
+"""GPU tests of the CUDA kernels of tsgb_ext's backward ops.
+
+Every op is compared with a float64 pure-PyTorch transcription of its rule (written out below,
+independent of the kernels) on many random configurations: odd sizes, kernels 1..7, stride,
+padding, dilation, groups (incl. depthwise and K != C), batch 1, T = 3 targets per sample
+(grad batch 3 * N), NCHW / channels_last / non-contiguous inputs, float32 / float16 / bfloat16.
+
+Tolerances (checked against the float64 result computed from the *same* rounded inputs, so only
+the kernels' own error counts). For each element the allowed error is `rtol * mag`, where `mag`
+is the same formula evaluated on absolute values (the condition scale: it bounds what rounding
+of the summands can do), or for conv `rtol * |ref| + rtol * max|ref|` (scale-aware):
+    float32: rtol 1e-5  (kernels accumulate in fp32; fast-math division is <= 2 ulp)
+    float16: rtol 2e-3  (fp32 accumulation, one final rounding to fp16: 2^-11 = 4.9e-4)
+    bfloat16: rtol 1.6e-2 (one final rounding to bf16: 2^-8 = 3.9e-3)
+For fp16 / bf16 the kernels saturate results beyond the dtype's range to its largest finite
+value, so the reference is clamped the same way.
+
+All tests skip when torch.cuda.is_available() is False (e.g. CPU-only build machines).
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+try:  # importing registers the ops; on a CPU-only machine everything below is skipped anyway
+    import tsgb_ext  # noqa: F401
+    _IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - reported by the fixture below
+    _IMPORT_ERROR = exc
+
+EPS = 1e-10
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+LAYOUTS = ["contiguous", "channels_last", "noncontiguous"]
+
+
+@pytest.fixture(autouse=True)
+def _ops_available():
+    if _IMPORT_ERROR is not None:
+        pytest.fail(f"import tsgb_ext failed: {_IMPORT_ERROR!r}")
+    if not torch.ops.tsgb_ext.built_with_cuda():
+        pytest.fail("tsgb_ext was built without CUDA kernels (rebuild with FORCE_CUDA=1)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+
+
+def ops():
+    return torch.ops.tsgb_ext
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+def _layout(t, layout):
+    """Return t (values unchanged) in the requested memory layout."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "noncontiguous":
+        # a strided view into a larger buffer, W innermost with stride 2, odd storage offset
+        n, c, h, w = t.shape
+        big = torch.empty((n, c, h, 2 * w + 1), dtype=t.dtype, device=t.device)
+        view = big[:, :, :, 1::2]
+        view.copy_(t)
+        if t.numel() > 1:
+            assert not view.is_contiguous()
+        return view
+    raise ValueError(layout)
+
+
+def _expected_format(x):
+    """The format the ops return: channels_last when x is (and is not plain contiguous)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _rand(shape, gen, zero_frac=0.0, positive=False):
+    t = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if positive:
+        t = t.abs()
+    if zero_frac > 0:
+        t[torch.rand(shape, generator=gen, dtype=torch.float64) < zero_frac] = 0
+    return t
+
+
+def _clamp_to(ref, dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        m = torch.finfo(dtype).max
+        return ref.clamp(-m, m)
+    return ref
+
+
+def _assert_within(out, ref, bound, what):
+    out64 = out.detach().double().cpu()
+    assert out64.shape == ref.shape, f"{what}: shape {tuple(out64.shape)} vs {tuple(ref.shape)}"
+    assert torch.isfinite(out64).all(), f"{what}: non-finite output"
+    err = (out64 - ref).abs()
+    bad = err > bound
+    if bad.any():
+        i = int(torch.argmax((err - bound).flatten()))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{err.numel()} elements out of tolerance; worst at flat "
+            f"index {i}: out {out64.flatten()[i].item():.9g}, ref {ref.flatten()[i].item():.9g}, "
+            f"allowed {bound.flatten()[i].item():.3g}; max err {err.max().item():.3g}, "
+            f"max |ref| {ref.abs().max().item():.3g}")
+
+
+# ------------------------------------------------------------------------------------------
+# float64 references (transcriptions of shared/TSGB_SPEC.md, batched targets b -> b % N)
+
+def ref_conv2d_backward(grad, x, y, ks, stride, padding, dilation, groups, eps=EPS):
+    g, xd, yd = grad.double().cpu(), x.double().cpu(), y.double().cpu()
+    B, N = g.shape[0], xd.shape[0]
+    T = B // N
+    xr, yr = xd.repeat(T, 1, 1, 1), yd.repeat(T, 1, 1, 1)
+    C, H, W = xd.shape[1:]
+    K, Ho, Wo = yd.shape[1:]
+    G = groups
+    s = (g * yr).reshape(B, G, K // G, Ho, Wo).sum(2)
+    a = xr.abs().reshape(B, G, C // G, H, W).sum(2)
+    ones = torch.ones(G, 1, *ks, dtype=torch.float64)
+    d = F.conv2d(a, ones, stride=stride, padding=padding, dilation=dilation, groups=G)
+    assert d.shape == s.shape
+    r = s / (d + eps)
+    t = torch.nn.grad.conv2d_input(a.shape, ones, r, stride=stride, padding=padding,
+                                   dilation=dilation, groups=G)
+    return torch.sign(xr) * t.repeat_interleave(C // G, dim=1)
+
+
+def ref_batch_norm_backward(grad, x, scale, shift, eps):
+    g, xd = grad.double().cpu(), x.double().cpu()
+    T = g.shape[0] // xd.shape[0]
+    xr = xd.repeat(T, 1, 1, 1)
+    sc = scale.double().cpu().view(1, -1, 1, 1)
+    sh = shift.double().cpu().view(1, -1, 1, 1)
+    ref = g * (xr * sc + sh) / (xr + eps)
+    mag = g.abs() * ((xr * sc).abs() + sh.abs()) / (xr + eps).abs()
+    return ref, mag
+
+
+def ref_avg_pool2d_backward(grad, x, y, ks, stride, padding, ceil_mode, cip, divisor, eps=EPS):
+    g, xd, yd = grad.double().cpu(), x.double().cpu(), y.double().cpu()
+    T = g.shape[0] // xd.shape[0]
+    xr, yr = xd.repeat(T, 1, 1, 1), yd.repeat(T, 1, 1, 1)
+    bw = torch.ops.aten.avg_pool2d_backward
+    ref = bw(g * yr, xr, ks, stride, padding, ceil_mode, cip, divisor) / (xr + eps)
+    mag = bw((g * yr).abs(), xr, ks, stride, padding, ceil_mode, cip, divisor) / (xr + eps).abs()
+    return ref, mag
+
+
+def ref_linear_backward(grad, x, wpos, wneg, eps=EPS):
+    g, xd = grad.double().cpu(), x.double().cpu()
+    wp, wn = wpos.double().cpu(), wneg.double().cpu()
+    T = g.shape[0] // xd.shape[0]
+    zp, zn = xd @ wp.t(), xd @ wn.t()
+    den = zn.abs()
+    beta = torch.where(den > eps, zp / torch.where(den > eps, den, torch.ones_like(den)),
+                       torch.zeros_like(den)).repeat(T, 1)
+    ref = g @ wp + (g * beta) @ wn
+    mag = g.abs() @ wp.abs() + (g * beta).abs() @ wn.abs()
+    return ref, mag
+
+
+# ------------------------------------------------------------------------------------------
+# conv2d_backward
+
+def _conv_configs():
+    rng = random.Random(1234)
+    cfgs = [
+        # (N, T, C, K, H, W, ks, stride, padding, dilation, groups)
+        (2, 3, 3, 8, 17, 15, (7, 7), (2, 2), (3, 3), (1, 1), 1),       # ResNet stem-like
+        (1, 1, 16, 24, 9, 9, (1, 1), (1, 1), (0, 0), (1, 1), 1),       # 1x1
+        (2, 1, 32, 32, 11, 13, (3, 3), (2, 2), (1, 1), (1, 1), 32),    # depthwise stride 2
+        (1, 3, 12, 12, 9, 7, (5, 5), (1, 1), (2, 2), (1, 1), 12),      # depthwise 5x5
+        (2, 1, 256, 64, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), 4),      # wide groups (warp lanes)
+        (1, 1, 300, 40, 5, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1),      # many channels, tiny map
+        (1, 3, 6, 9, 13, 11, (3, 2), (1, 2), (2, 1), (2, 3), 3),       # dilation, asymmetric
+        (3, 1, 4, 10, 8, 9, (2, 2), (2, 2), (0, 0), (1, 1), 2),        # even kernel stride 2
+        (1, 1, 5, 7, 7, 7, (7, 7), (1, 1), (0, 0), (1, 1), 1),         # window == image
+        (1, 3, 2, 2, 15, 15, (1, 1), (3, 3), (0, 0), (1, 1), 2),       # strided 1x1 (gaps)
+    ]
+    while len(cfgs) < 40:
+        G = rng.choice([1, 1, 2, 3, 4, "dw"])
+        cin = rng.randint(1, 6)
+        if G == "dw":
+            C = rng.randint(2, 20)
+            G, K = C, C * rng.choice([1, 2])
+        else:
+            C, K = G * cin, G * rng.randint(1, 6)
+        kh, kw = rng.randint(1, 7), rng.randint(1, 7)
+        sh, sw = rng.randint(1, 3), rng.randint(1, 3)
+        dh, dw = rng.randint(1, 2), rng.randint(1, 2)
+        ph, pw = rng.randint(0, (kh - 1) * dh), rng.randint(0, (kw - 1) * dw)
+        H, W = rng.randint(3, 19), rng.randint(3, 19)
+        if H + 2 * ph < dh * (kh - 1) + 1 or W + 2 * pw < dw * (kw - 1) + 1:
+            continue
+        N, T = rng.choice([1, 2, 3]), rng.choice([1, 3])
+        cfgs.append((N, T, C, K, H, W, (kh, kw), (sh, sw), (ph, pw), (dh, dw), G))
+    return cfgs
+
+
+CONV_CFGS = _conv_configs()
+
+
+def _conv_inputs(cfg, dtype, layout, seed):
+    N, T, C, K, H, W, ks, stride, padding, dilation, G = cfg
+    gen = torch.Generator().manual_seed(seed)
+    Ho = (H + 2 * padding[0] - dilation[0] * (ks[0] - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (ks[1] - 1) - 1) // stride[1] + 1
+    x = _rand((N, C, H, W), gen, zero_frac=0.25)
+    y = _rand((N, K, Ho, Wo), gen)
+    g = _rand((N * T, K, Ho, Wo), gen)
+    dev = "cuda"
+    x, y, g = (_layout(t.to(dev, dtype), layout) for t in (x, y, g))
+    return g, x, y
+
+
+def _check_conv(cfg, dtype, layout, seed=0):
+    N, T, C, K, H, W, ks, stride, padding, dilation, G = cfg
+    g, x, y = _conv_inputs(cfg, dtype, layout, seed)
+    out = ops().conv2d_backward(g, x, y, list(ks), list(stride), list(padding), list(dilation),
+                                G, EPS)
+    assert out.dtype == dtype and out.device == x.device
+    assert out.is_contiguous(memory_format=_expected_format(x))
+    ref = _clamp_to(ref_conv2d_backward(g, x, y, ks, stride, padding, dilation, G), dtype)
+    rtol = RTOL[dtype]
+    bound = rtol * ref.abs() + rtol * ref.abs().max().clamp_min(1e-30)
+    _assert_within(out, ref, bound, f"conv2d_backward {cfg} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cfg", CONV_CFGS, ids=lambda c: "N%dT%d_C%dK%d_%dx%d_k%s_s%s_p%s_d%s_g%d" % (
+    c[0], c[1], c[2], c[3], c[4], c[5], *["%dx%d" % v for v in c[6:10]], c[10]))
+def test_conv2d_backward_fp32(cfg, layout):
+    _check_conv(cfg, torch.float32, layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("idx", list(range(0, len(CONV_CFGS), 3)))
+def test_conv2d_backward_dtypes(idx, dtype, layout):
+    _check_conv(CONV_CFGS[idx], dtype, layout, seed=idx + 1)
+
+
+def test_conv2d_backward_mixed_layouts():
+    # x channels_last, grad and y NCHW (and the reverse): the result follows x
+    cfg = CONV_CFGS[0]
+    g, x, y = _conv_inputs(cfg, torch.float32, "contiguous", 7)
+    N, T, C, K, H, W, ks, stride, padding, dilation, G = cfg
+    ref = ref_conv2d_backward(g, x, y, ks, stride, padding, dilation, G)
+    for xl, gl in (("channels_last", "contiguous"), ("contiguous", "channels_last")):
+        xx, gg, yy = _layout(x, xl), _layout(g, gl), _layout(y, gl)
+        out = ops().conv2d_backward(gg, xx, yy, list(ks), list(stride), list(padding),
+                                    list(dilation), G, EPS)
+        assert out.is_contiguous(memory_format=_expected_format(xx))
+        _assert_within(out, ref, 1e-5 * ref.abs() + 1e-5 * ref.abs().max(), f"mixed {xl}/{gl}")
+
+
+def test_conv2d_backward_empty():
+    x = torch.randn(0, 3, 8, 8, device="cuda")
+    y = torch.randn(0, 4, 8, 8, device="cuda")
+    g = torch.randn(0, 4, 8, 8, device="cuda")
+    out = ops().conv2d_backward(g, x, y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
+    assert out.shape == (0, 3, 8, 8)
+
+
+def test_conv2d_backward_errors():
+    x = torch.randn(2, 4, 8, 8, device="cuda")
+    y = torch.randn(2, 6, 8, 8, device="cuda")
+    g = torch.randn(2, 6, 8, 8, device="cuda")
+    op = ops().conv2d_backward
+    with pytest.raises(RuntimeError, match="multiple"):
+        op(g[:1].repeat(3, 1, 1, 1)[:3], x, y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
+    with pytest.raises(RuntimeError, match="y must have shape"):
+        op(g, x, y[:, :, :7], [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
+    with pytest.raises(RuntimeError, match="divisible"):
+        op(g, x, y, [3, 3], [1, 1], [1, 1], [1, 1], 4, EPS)
+    with pytest.raises(RuntimeError, match="grad must"):
+        op(g.cpu(), x, y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(g.half(), x, y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
+    with pytest.raises(RuntimeError, match="4-D"):
+        op(g, x[0], y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv2d_backward_cuda_graph(layout):
+    cfg = (2, 3, 8, 12, 13, 11, (3, 3), (2, 2), (1, 1), (1, 1), 2)
+    N, T, C, K, H, W, ks, stride, padding, dilation, G = cfg
+    g, x, y = _conv_inputs(cfg, torch.float32, layout, 11)
+    args = (list(ks), list(stride), list(padding), list(dilation), G, EPS)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            ops().conv2d_backward(g, x, y, *args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = ops().conv2d_backward(g, x, y, *args)
+    for seed in (12, 13):
+        g2, x2, y2 = _conv_inputs(cfg, torch.float32, layout, seed)
+        g.copy_(g2)
+        x.copy_(x2)
+        y.copy_(y2)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = ops().conv2d_backward(g, x, y, *args)
+        assert torch.equal(out_static, eager)
+        ref = ref_conv2d_backward(g, x, y, ks, stride, padding, dilation, G)
+        _assert_within(out_static, ref, 1e-5 * ref.abs() + 1e-5 * ref.abs().max(), "graph")
+
+
+# ------------------------------------------------------------------------------------------
+# batch_norm_backward
+
+BN_SHAPES = [(2, 3, 16, 16, 1), (1, 8, 7, 9, 3), (3, 5, 5, 5, 1), (2, 64, 14, 14, 3),
+             (1, 1, 1, 1, 1), (2, 24, 1, 1, 3), (1, 17, 33, 3, 1)]
+
+
+def _bn_inputs(shape, dtype, layout, seed, zero_frac=0.0):
+    N, C, H, W, T = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = _rand((N, C, H, W), gen, zero_frac=zero_frac)
+    g = _rand((N * T, C, H, W), gen)
+    scale = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).float().cuda()
+    shift = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.1).float().cuda()
+    x, g = (_layout(t.to("cuda", dtype), layout) for t in (x, g))
+    return g, x, scale, shift
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+def test_batch_norm_backward(shape, dtype, layout):
+    bn_eps = 1e-5
+    g, x, scale, shift = _bn_inputs(shape, dtype, layout, seed=sum(shape))
+    out = ops().batch_norm_backward(g, x, scale, shift, bn_eps)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=_expected_format(x))
+    ref, mag = ref_batch_norm_backward(g, x, scale, shift, bn_eps)
+    ref = _clamp_to(ref, dtype)
+    _assert_within(out, ref, RTOL[dtype] * mag + 1e-30, f"batch_norm_backward {shape} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_backward_zero_x_finite(dtype, layout):
+    # x exactly 0 (post-ReLU): 1/(x+eps) = 1e5 overflows nothing in fp32, and the product is
+    # formed before the cast: the result must be finite (saturated where beyond fp16's range)
+    g, x, scale, shift = _bn_inputs((2, 16, 9, 9, 3), dtype, layout, seed=5, zero_frac=0.5)
+    shift = shift * 10  # make g*shift/eps exceed fp16's range for some entries
+    out = ops().batch_norm_backward(g, x, scale, shift, 1e-5)
+    assert torch.isfinite(out).all()
+    ref, mag = ref_batch_norm_backward(g, x, scale, shift, 1e-5)
+    _assert_within(out, _clamp_to(ref, dtype), RTOL[dtype] * mag + 1e-30, "bn zero x")
+
+
+def test_batch_norm_backward_errors():
+    x = torch.randn(2, 4, 5, 5, device="cuda")
+    g = torch.randn(2, 4, 5, 5, device="cuda")
+    sc = torch.ones(4, device="cuda")
+    op = ops().batch_norm_backward
+    with pytest.raises(RuntimeError, match="scale"):
+        op(g, x, torch.ones(3, device="cuda"), sc, 1e-5)
+    with pytest.raises(RuntimeError, match="multiple"):
+        op(g[:1].expand(3, -1, -1, -1), x, sc, sc, 1e-5)
+    with pytest.raises(RuntimeError, match="grad must have shape"):
+        op(g[:, :3], x, sc, sc, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# avg_pool2d_backward
+
+def _pool_configs():
+    rng = random.Random(99)
+    cfgs = [
+        # (N, T, C, H, W, ks, stride, padding, ceil_mode, count_include_pad, divisor)
+        (2, 3, 4, 8, 8, (2, 2), (2, 2), (0, 0), False, True, None),
+        (1, 1, 3, 7, 7, (3, 3), (2, 2), (1, 1), True, False, None),
+        (1, 3, 5, 9, 11, (3, 3), (1, 1), (1, 1), False, True, 4),
+        (2, 1, 16, 7, 7, (7, 7), (1, 1), (0, 0), False, True, None),   # global-like pool
+        (1, 1, 2, 10, 6, (3, 2), (3, 3), (1, 1), True, True, None),
+    ]
+    while len(cfgs) < 30:
+        kh, kw = rng.randint(1, 6), rng.randint(1, 6)
+        sh, sw = rng.randint(1, 3), rng.randint(1, 3)
+        ph, pw = rng.randint(0, kh // 2), rng.randint(0, kw // 2)
+        H, W = rng.randint(max(1, kh - 2 * ph), 15), rng.randint(max(1, kw - 2 * pw), 15)
+        cfgs.append((rng.choice([1, 2]), rng.choice([1, 3]), rng.randint(1, 9), H, W, (kh, kw),
+                     (sh, sw), (ph, pw), rng.random() < 0.5, rng.random() < 0.5,
+                     rng.choice([None, None, 3])))
+    return cfgs
+
+
+POOL_CFGS = _pool_configs()
+
+
+def _check_pool(cfg, dtype, layout, seed):
+    N, T, C, H, W, ks, stride, padding, ceil_mode, cip, divisor = cfg
+    gen = torch.Generator().manual_seed(seed)
+    x = _rand((N, C, H, W), gen, zero_frac=0.1)
+    yshape = F.avg_pool2d(x, ks, stride, padding, ceil_mode, cip, divisor).shape
+    y = _rand(tuple(yshape), gen)
+    g = _rand((N * T,) + tuple(yshape[1:]), gen)
+    x, y, g = (_layout(t.to("cuda", dtype), layout) for t in (x, y, g))
+    out = ops().avg_pool2d_backward(g, x, y, list(ks), list(stride), list(padding), ceil_mode,
+                                    cip, divisor, EPS)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=_expected_format(x))
+    ref, mag = ref_avg_pool2d_backward(g, x, y, list(ks), list(stride), list(padding), ceil_mode,
+                                       cip, divisor)
+    _assert_within(out, _clamp_to(ref, dtype), RTOL[dtype] * mag + 1e-30,
+                   f"avg_pool2d_backward {cfg} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cfg", POOL_CFGS, ids=str)
+def test_avg_pool2d_backward_fp32(cfg, layout):
+    _check_pool(cfg, torch.float32, layout, seed=1)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("idx", list(range(0, len(POOL_CFGS), 3)))
+def test_avg_pool2d_backward_dtypes(idx, dtype, layout):
+    _check_pool(POOL_CFGS[idx], dtype, layout, seed=idx + 2)
+
+
+def test_avg_pool2d_backward_errors():
+    x = torch.randn(2, 4, 8, 8, device="cuda")
+    y = torch.randn(2, 4, 4, 4, device="cuda")
+    op = ops().avg_pool2d_backward
+    with pytest.raises(RuntimeError, match="y must have shape"):
+        op(y, x, y[:, :, :3], [2, 2], [2, 2], [0, 0], False, True, None, EPS)
+    with pytest.raises(RuntimeError, match="padding"):
+        op(y, x, y, [2, 2], [2, 2], [2, 2], False, True, None, EPS)
+    with pytest.raises(RuntimeError, match="multiple"):
+        op(y[:1].expand(3, -1, -1, -1), x, y, [2, 2], [2, 2], [0, 0], False, True, None, EPS)
+
+
+# ------------------------------------------------------------------------------------------
+# linear_backward
+
+LIN_SHAPES = [(1, 1, 10, 7), (2, 3, 64, 10), (4, 1, 512, 100), (3, 3, 33, 1000), (1, 5, 2048, 17)]
+
+
+def _lin_inputs(shape, dtype, seed, zero_rows=False):
+    N, T, n_in, n_out = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = _rand((N, n_in), gen, zero_frac=0.3, positive=True)  # post-ReLU features
+    if zero_rows:
+        x[0] = 0
+    w = _rand((n_out, n_in), gen) / n_in ** 0.5
+    g = _rand((N * T, n_out), gen)
+    x, w, g = (t.to("cuda", dtype) for t in (x, w, g))
+    return g, x, w.clamp(min=0), w.clamp(max=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", LIN_SHAPES, ids=str)
+def test_linear_backward(shape, dtype):
+    g, x, wp, wn = _lin_inputs(shape, dtype, seed=shape[2])
+    out = ops().linear_backward(g, x, wp, wn, EPS)
+    assert out.dtype == dtype and out.shape == (g.shape[0], x.shape[1])
+    ref, mag = ref_linear_backward(g, x, wp, wn)
+    _assert_within(out, _clamp_to(ref, dtype), RTOL[dtype] * mag + 1e-30,
+                   f"linear_backward {shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_backward_zero_input_is_finite(dtype):
+    # |zn| = 0 for an all-zero row: beta is defined as 0 there, never NaN / inf
+    g, x, wp, wn = _lin_inputs((3, 2, 40, 12), dtype, seed=3, zero_rows=True)
+    out = ops().linear_backward(g, x, wp, wn, EPS)
+    assert torch.isfinite(out).all()
+    ref, mag = ref_linear_backward(g, x, wp, wn)
+    _assert_within(out, ref, RTOL[dtype] * mag + 1e-30, "linear zero row")
+    # non-contiguous inputs
+    out2 = ops().linear_backward(g.t().contiguous().t(), x, wp.t().contiguous().t(), wn, EPS)
+    _assert_within(out2, ref, RTOL[dtype] * mag + 1e-30, "linear noncontiguous")
+
+
+def test_linear_backward_errors():
+    x = torch.randn(2, 8, device="cuda")
+    w = torch.randn(5, 8, device="cuda")
+    g = torch.randn(2, 5, device="cuda")
+    op = ops().linear_backward
+    with pytest.raises(RuntimeError, match="weight_pos"):
+        op(g, x, w[:, :7], w, EPS)
+    with pytest.raises(RuntimeError, match="multiple"):
+        op(g[:1].expand(3, -1), x, w, w, EPS)
+    with pytest.raises(RuntimeError, match="grad must have shape"):
+        op(g[:, :4], x, w, w, EPS)
+
+
+# ------------------------------------------------------------------------------------------
+# every op is capturable (no host syncs)
+
+def test_all_ops_cuda_graph():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, device="cuda")
+    g = torch.randn(6, 4, 8, 8, device="cuda")
+    y = torch.randn(2, 4, 4, 4, device="cuda")
+    gp = torch.randn(6, 4, 4, 4, device="cuda")
+    sc, sh = torch.rand(4, device="cuda") + 0.5, torch.randn(4, device="cuda")
+    xl = torch.rand(2, 16, device="cuda")
+    w = torch.randn(5, 16, device="cuda")
+    gl = torch.randn(6, 5, device="cuda")
+
+    def run():
+        return (ops().batch_norm_backward(g, x, sc, sh, 1e-5),
+                ops().avg_pool2d_backward(gp, x, y, [2, 2], [2, 2], [0, 0], False, True, None, EPS),
+                ops().linear_backward(gl, xl, w.clamp(min=0), w.clamp(max=0), EPS))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run()
+    x.mul_(1.5)
+    gl.mul_(-2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, run()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

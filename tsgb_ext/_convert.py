@@ -1,0 +1,296 @@
+"""Converting a model for TSGB, and restoring it exactly.
+
+The conversion never replaces module objects. It gives each ``Conv2d``, ``BatchNorm2d``,
+``AvgPool2d`` and the classifier ``Linear`` an instance-level ``forward`` that computes the
+same output with torch's own functional op but records a TSGB backward rule, and it undoes
+everything on exit: the instance ``forward`` attributes, ``inplace`` flags (turned off so
+that saved activations are not overwritten), training flags (the model is explained in eval
+mode) and parameters' ``requires_grad`` (off, so no parameter gradient is computed or stored).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_MISSING = object()
+
+
+def _same_padding(x: torch.Tensor, weight: torch.Tensor, dilation) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Resolve ``padding='same'`` exactly as ATen's ``_convolution_same`` does: symmetric
+    padding where possible, the odd remainder padded explicitly on the right/bottom."""
+    pad_l, pad_nd = [], [0, 0, 0, 0]
+    for i in range(2):
+        total = dilation[i] * (weight.shape[2 + i] - 1)
+        left, right = total // 2, total - total // 2
+        if right > left:
+            pad_nd[2 * (1 - i) + 1] = right - left
+        pad_l.append(left)
+    if any(pad_nd):
+        x = F.pad(x, pad_nd)
+    return x, (pad_l[0], pad_l[1])
+
+
+def _conv_args(x: torch.Tensor, weight: torch.Tensor, padding, dilation):
+    if isinstance(padding, str):
+        if padding == "valid":
+            return x, (0, 0)
+        if padding == "same":
+            return _same_padding(x, weight, dilation)
+        raise ValueError(f"unsupported conv padding {padding!r}")
+    if isinstance(padding, int):
+        return x, (padding, padding)
+    padding = tuple(padding)
+    return x, (padding * 2 if len(padding) == 1 else padding)
+
+
+def _pair(v):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    return v * 2 if len(v) == 1 else v
+
+
+def _bind_conv2d(args, kwargs):
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+class _ConvInterceptor(TorchFunctionMode):
+    """Routes the ``conv2d`` calls a Conv2d subclass's own ``forward`` makes with its own
+    weight (e.g. "same"-padding convs that pad, then call ``F.conv2d``) to the TSGB op."""
+
+    def __init__(self, module: nn.Conv2d, conversion: "Conversion"):
+        super().__init__()
+        self.module = module
+        self.conversion = conversion
+        self.hits = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            b = _bind_conv2d(args, kwargs)
+            if b["weight"] is self.module.weight and b["input"].dim() == 4:
+                self.hits += 1
+                x, padding = _conv_args(b["input"], b["weight"], b["padding"], _pair(b["dilation"]))
+                return self.conversion.backend.conv2d(x, b["weight"], b["bias"], _pair(b["stride"]),
+                                                      padding, _pair(b["dilation"]), b["groups"])
+        return func(*args, **kwargs)
+
+
+class _ClassifierState:
+    """Which Linear is the classifier, decided after the forward when not named up front:
+    every Linear records its execution; the last one executed is the classifier."""
+
+    def __init__(self):
+        self.executed: List[nn.Module] = []
+        self.classifier: Optional[nn.Module] = None
+
+
+class _DeferredLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, module, state, conversion):
+        state.executed.append(module)
+        ctx.save_for_backward(x, weight)
+        ctx.module, ctx.state, ctx.conversion = module, state, conversion
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        if ctx.state.classifier is ctx.module:
+            gx = ctx.conversion.backend.linear_rule(grad, x, w)
+        else:
+            gx = grad @ w
+        return gx, None, None, None, None, None
+
+
+def _overrides(module: nn.Module, base: type, *names: str) -> bool:
+    t = type(module)
+    return any(getattr(t, n) is not getattr(base, n) for n in names)
+
+
+class Conversion:
+    """Context manager: the model converted for TSGB inside, exactly restored on exit."""
+
+    def __init__(self, model: nn.Module, backend, classifier: Optional[nn.Module],
+                 names: Dict[nn.Module, str]):
+        self.model = model
+        self.backend = backend
+        self.classifier = classifier
+        self.names = names
+        self.state = _ClassifierState()
+        self._undo: List[Callable[[], None]] = []
+        self._deferred: List[Callable[[], None]] = []
+        self._warned: set = set()
+        self.active = False
+
+    # -- patching ---------------------------------------------------------------------
+    def _set_forward(self, m: nn.Module, fn: Callable) -> Callable[[], None]:
+        old = m.__dict__.get("forward", _MISSING)
+
+        def undo(m=m, old=old):
+            if old is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = old
+
+        self._undo.append(undo)
+        m.__dict__["forward"] = fn
+        return undo
+
+    def _patch_conv(self, m: nn.Conv2d) -> None:
+        conv = self
+        if _overrides(m, nn.Conv2d, "forward", "_conv_forward"):
+            original = m.forward  # bound method of the subclass (or an instance forward)
+
+            def forward(*args, **kwargs):
+                mode = _ConvInterceptor(m, conv)
+                with mode:
+                    out = original(*args, **kwargs)
+                if mode.hits == 0 and m not in conv._warned:
+                    conv._warned.add(m)
+                    warnings.warn(
+                        f"tsgb_ext: {conv.names.get(m, type(m).__name__)} ({type(m).__name__}) "
+                        "overrides forward and did not call conv2d with its own weight; it keeps "
+                        "its ordinary gradient instead of the TSGB conv rule", stacklevel=2)
+                return out
+        else:
+            def forward(x):
+                if m.padding_mode != "zeros":
+                    x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+                    padding = (0, 0)
+                else:
+                    x, padding = _conv_args(x, m.weight, m.padding, m.dilation)
+                return conv.backend.conv2d(x, m.weight, m.bias, m.stride, padding, m.dilation,
+                                           m.groups)
+        self._set_forward(m, forward)
+
+    def _patch_bn(self, m: nn.BatchNorm2d) -> None:
+        conv = self
+
+        def forward(x):
+            if x.dim() != 4:
+                raise ValueError(f"expected 4D input to {type(m).__name__} (got {x.dim()}D input)")
+            rm, rv = m.running_mean, m.running_var
+            if rm is None or rv is None:  # track_running_stats=False: batch statistics
+                with torch.no_grad():
+                    rv, rm = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+            return conv.backend.batch_norm(x, rm, rv, m.weight, m.bias, m.eps)
+        self._set_forward(m, forward)
+
+    def _patch_avgpool(self, m: nn.AvgPool2d) -> None:
+        conv = self
+
+        def forward(x):
+            stride = m.stride if m.stride is not None and m.stride != [] else m.kernel_size
+            return conv.backend.avg_pool2d(x, _pair(m.kernel_size), _pair(stride),
+                                           _pair(m.padding), m.ceil_mode, m.count_include_pad,
+                                           m.divisor_override)
+        self._set_forward(m, forward)
+
+    def _patch_classifier(self, m: nn.Linear) -> None:
+        conv = self
+
+        def forward(x):
+            return conv.backend.linear(x, m.weight, m.bias)
+        self._set_forward(m, forward)
+
+    def _patch_deferred(self, m: nn.Linear) -> None:
+        conv = self
+
+        def forward(x):
+            return _DeferredLinear.apply(x, m.weight, m.bias, m, conv.state, conv)
+        self._deferred.append(self._set_forward(m, forward))
+
+    # -- lifecycle --------------------------------------------------------------------
+    def __enter__(self) -> "Conversion":
+        try:
+            self._apply()
+        except BaseException:
+            self.restore()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def _apply(self) -> None:
+        model = self.model
+        modules = list(model.modules())
+        training = [(m, m.training) for m in modules]
+
+        def undo_training():
+            for m, t in training:
+                m.training = t
+        self._undo.append(undo_training)
+        model.eval()
+
+        params = [(p, p.requires_grad) for p in model.parameters()]
+
+        def undo_params():
+            for p, r in params:
+                p.requires_grad_(r)
+        self._undo.append(undo_params)
+        for p, _ in params:
+            p.requires_grad_(False)
+
+        for m in modules:
+            if isinstance(m.__dict__.get("inplace", None), bool) and m.inplace:
+                m.inplace = False
+                self._undo.append(lambda m=m: setattr(m, "inplace", True))
+
+        for m in modules:
+            if isinstance(m, nn.Conv2d):
+                self._patch_conv(m)
+            elif isinstance(m, nn.BatchNorm2d) and not _overrides(m, nn.BatchNorm2d, "forward"):
+                self._patch_bn(m)
+            elif isinstance(m, nn.AvgPool2d) and not _overrides(m, nn.AvgPool2d, "forward"):
+                self._patch_avgpool(m)
+            elif isinstance(m, nn.Linear):
+                if self.classifier is not None:
+                    if m is self.classifier:
+                        self._patch_classifier(m)
+                else:
+                    self._patch_deferred(m)
+        if self.classifier is not None and not isinstance(self.classifier, nn.Linear):
+            raise TypeError("classifier must be an nn.Linear")
+        self.active = True
+
+    def begin_forward(self) -> None:
+        self.state.executed.clear()
+        self.state.classifier = None
+
+    def end_forward(self) -> Optional[nn.Module]:
+        """After the forward: fix the classifier (the named one, or the last Linear run)."""
+        if self.classifier is not None:
+            return self.classifier
+        if not self.state.executed:
+            return None
+        self.state.classifier = self.state.executed[-1]
+        return self.state.classifier
+
+    def fix_classifier(self, m: nn.Linear) -> None:
+        """Replace the deferred decision by a static classifier patch (cheaper, traceable)."""
+        if self.classifier is not None:
+            return
+        for undo in self._deferred:
+            undo()
+            self._undo.remove(undo)
+        self._deferred.clear()
+        self.classifier = m
+        self._patch_classifier(m)
+
+    def restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self._deferred.clear()
+        self.active = False

@@ -1,0 +1,61 @@
+"""Loading the compiled ops (tsgb_ext._C) without ever breaking ``import tsgb_ext``.
+
+Pattern of torchvision's ``_has_ops``: if the extension is missing or was built for another
+torch, the package still imports, ``native_available()`` is False, and one warning says how to
+rebuild.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+_REBUILD = ("rebuild it with `pip install --no-build-isolation -e .` in the tsgb_ext checkout "
+            "(FORCE_CUDA=1 for the CUDA kernels)")
+
+_load_error: Optional[str] = None
+_loaded = False
+
+
+def _load() -> None:
+    global _loaded, _load_error
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.tsgb_ext.*)
+        for name in ("conv2d_backward", "batch_norm_backward", "avg_pool2d_backward",
+                     "linear_backward", "conv2d"):
+            getattr(torch.ops.tsgb_ext, name)
+        _loaded = True
+    except ImportError as e:  # not built: quiet unless native is asked for
+        _load_error = f"tsgb_ext._C is not built ({e}); {_REBUILD}"
+    except (OSError, RuntimeError, AttributeError) as e:  # built for another torch, ...
+        _load_error = f"tsgb_ext._C could not be loaded ({e}); {_REBUILD}"
+        warnings.warn(f"tsgb_ext: native backend unavailable: {_load_error}", RuntimeWarning,
+                      stacklevel=3)
+
+
+_load()
+
+
+def native_available(device: Optional[torch.device | str] = None) -> bool:
+    """True when the compiled ops are loaded and usable (for ``device``, when given)."""
+    if not _loaded:
+        return False
+    if device is None:
+        return True
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return cuda_built()
+    return False
+
+
+def cuda_built() -> bool:
+    """True when the compiled ops include the CUDA kernels."""
+    return _loaded and bool(torch.ops.tsgb_ext.built_with_cuda())
+
+
+def load_error() -> Optional[str]:
+    """Why the native backend is unavailable (None when it is loaded)."""
+    return _load_error

@@ -1,0 +1,212 @@
+"""Python side of the compiled ops: fake kernels (for torch.compile / opcheck), autograd
+formulas for the forward ops (torch.library.register_autograd), and the native backend object
+the model conversion uses. Only imported when tsgb_ext._C loaded.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Tuple
+
+import torch
+
+from tsgb_hooks import rules as _rules
+
+EPS = _rules.EPS
+ops = torch.ops.tsgb_ext
+_lib = "tsgb_ext::"
+
+
+# ---- fake kernels ---------------------------------------------------------------------
+def _out_size(i, k, s, p, d):
+    return (i + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _pool_out(i, k, s, p, ceil):
+    o = (i + 2 * p - k + ((s - 1) if ceil else 0)) // s + 1
+    if ceil and (o - 1) * s >= i + p:
+        o -= 1
+    return o
+
+
+@torch.library.register_fake(_lib + "conv2d")
+def _(x, weight, bias, stride, padding, dilation, groups):
+    n, _c, h, w = x.shape
+    k = weight.shape[0]
+    ho = _out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = _out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
+    out = x.new_empty((n, k, ho, wo))
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@torch.library.register_fake(_lib + "batch_norm")
+def _(x, running_mean, running_var, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake(_lib + "avg_pool2d")
+def _(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    n, c, h, w = x.shape
+    ho = _pool_out(h, kernel_size[0], stride[0], padding[0], ceil_mode)
+    wo = _pool_out(w, kernel_size[1], stride[1], padding[1], ceil_mode)
+    out = x.new_empty((n, c, ho, wo))
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@torch.library.register_fake(_lib + "linear")
+def _(x, weight, bias):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
+def _grad_like_x(grad, x):
+    out = x.new_empty((grad.shape[0],) + tuple(x.shape[1:]))
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@torch.library.register_fake(_lib + "conv2d_backward")
+def _(grad, x, y, kernel_size, stride, padding, dilation, groups, eps):
+    return _grad_like_x(grad, x)
+
+
+@torch.library.register_fake(_lib + "batch_norm_backward")
+def _(grad, x, scale, shift, eps):
+    return _grad_like_x(grad, x)
+
+
+@torch.library.register_fake(_lib + "avg_pool2d_backward")
+def _(grad, x, y, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, eps):
+    return _grad_like_x(grad, x)
+
+
+@torch.library.register_fake(_lib + "linear_backward")
+def _(grad, x, weight_pos, weight_neg, eps):
+    return x.new_empty((grad.shape[0], x.shape[1]))
+
+
+# ---- autograd of the forward ops -------------------------------------------------------
+def _conv_setup(ctx, inputs, output):
+    x, weight, _bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, output)
+    ctx.geom = (list(weight.shape[2:]), list(stride), list(padding), list(dilation), int(groups))
+
+
+def _conv_backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    k, s, p, d, g = ctx.geom
+    return ops.conv2d_backward(grad, x, y, k, s, p, d, g, EPS), None, None, None, None, None, None
+
+
+torch.library.register_autograd(_lib + "conv2d", _conv_backward, setup_context=_conv_setup)
+
+
+def _bn_setup(ctx, inputs, output):
+    x, rm, rv, w, b, eps = inputs
+    scale, shift = _rules.bn_scale_shift(rm, rv, w, b, eps)
+    ctx.save_for_backward(x, scale, shift)  # not y: it is often changed in place later
+    ctx.eps = float(eps)
+
+
+def _bn_backward(ctx, grad):
+    x, scale, shift = ctx.saved_tensors
+    return ops.batch_norm_backward(grad, x, scale, shift, ctx.eps), None, None, None, None, None
+
+
+torch.library.register_autograd(_lib + "batch_norm", _bn_backward, setup_context=_bn_setup)
+
+
+def _pool_setup(ctx, inputs, output):
+    x, k, s, p, ceil_mode, cip, div = inputs
+    ctx.save_for_backward(x, output)
+    ctx.geom = (list(k), list(s), list(p), bool(ceil_mode), bool(cip), div)
+
+
+def _pool_backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    return (ops.avg_pool2d_backward(grad, x, y, *ctx.geom, EPS),) + (None,) * 6
+
+
+torch.library.register_autograd(_lib + "avg_pool2d", _pool_backward, setup_context=_pool_setup)
+
+
+# W+ and W- are prepared once per weight version, not per call. Keyed by id(weight) with a
+# weak reference to check identity (tensors compare elementwise, so they cannot be dict keys).
+_split_cache: dict = {}
+
+
+def split_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        w = weight.double() if weight.dtype == torch.float32 else weight
+        return _rules.split_weight(w)
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    hit = _split_cache.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2], hit[3]
+    with torch.no_grad():
+        w = weight.detach()
+        w = w.double() if w.dtype == torch.float32 else w
+        wp, wn = _rules.split_weight(w)
+        wp, wn = wp.contiguous(), wn.contiguous()
+    if len(_split_cache) > 64:
+        for k in [k for k, v in _split_cache.items() if v[0]() is None]:
+            del _split_cache[k]
+    _split_cache[id(weight)] = (weakref.ref(weight), key, wp, wn)
+    return wp, wn
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, _bias = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def linear_rule(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """TSGB-FC backward. float32 is computed in float64 (see tsgb_hooks.rules.linear_rule:
+    the rule's built-in cancellation made it the largest float32 error; it is one small layer)."""
+    cd = torch.float64 if x.dtype == torch.float32 else x.dtype
+    wp, wn = split_weight(weight)
+    wp, wn = wp.to(cd), wn.to(cd)
+    shape = x.shape
+    gx = ops.linear_backward(grad.reshape(-1, grad.shape[-1]).to(cd), x.reshape(-1, shape[-1]).to(cd),
+                             wp, wn, EPS)
+    return gx.reshape(grad.shape[:-1] + shape[-1:]).to(grad.dtype)
+
+
+def _linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    return linear_rule(grad, x, weight), None, None
+
+
+torch.library.register_autograd(_lib + "linear", _linear_backward, setup_context=_linear_setup)
+
+
+# ---- the backend object ----------------------------------------------------------------
+class NativeBackend:
+    """The compiled backend, as the interface tsgb_ext's model conversion expects."""
+
+    name = "native"
+
+    @staticmethod
+    def conv2d(x, weight, bias, stride, padding, dilation, groups):
+        return ops.conv2d(x, weight, bias, list(stride), list(padding), list(dilation), int(groups))
+
+    @staticmethod
+    def batch_norm(x, running_mean, running_var, weight, bias, eps):
+        return ops.batch_norm(x, running_mean, running_var, weight, bias, float(eps))
+
+    @staticmethod
+    def avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return ops.avg_pool2d(x, list(kernel_size), list(stride), list(padding), bool(ceil_mode),
+                              bool(count_include_pad), divisor_override)
+
+    @staticmethod
+    def linear(x, weight, bias):
+        return ops.linear(x, weight, bias)
+
+    linear_rule = staticmethod(linear_rule)
+
+
+BACKEND = NativeBackend()

@@ -1,0 +1,253 @@
+"""The TSGB explainer: ``TSGB(model).attribute(x, target)``."""
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+import tsgb_hooks
+
+from . import _native
+from ._convert import Conversion
+
+TargetLike = Union[None, int, Sequence[int], torch.Tensor]
+_BACKENDS = ("auto", "native", "hooks")
+_warned_fallback = False
+
+
+def native_available(device=None) -> bool:
+    """True when the compiled ops are loaded and usable (for ``device``, when given)."""
+    return _native.native_available(device)
+
+
+def _native_backend():
+    from . import _ops
+    return _ops.BACKEND
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        logits = out
+    elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        logits = out.logits
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        logits = out[0]
+    else:
+        raise TypeError(f"the model's forward must return a (N, classes) tensor of scores, got "
+                        f"{type(out).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"the model's output must be (N, classes) scores, got shape "
+                         f"{tuple(logits.shape)}")
+    return logits
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor (N, C, H, W), got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("x must be finite: it contains NaN or inf")
+
+
+def _target_tensor(target: TargetLike, n: int, device) -> Optional[torch.Tensor]:
+    """Validate ``target`` against the batch size: None, or an int64 (N, T) tensor."""
+    if target is None:
+        return None
+    if isinstance(target, bool):
+        raise TypeError("target must be an int, a sequence of ints or an integer tensor, got bool")
+    if isinstance(target, numbers.Integral):
+        t = torch.full((n, 1), int(target), dtype=torch.long)
+    else:
+        if isinstance(target, torch.Tensor):
+            t = target.detach()
+        else:
+            try:
+                import numpy as np
+                arr = np.asarray(target)
+            except Exception as e:  # pragma: no cover
+                raise TypeError(f"target must be integers, got {type(target).__name__}") from e
+            if arr.dtype == object or arr.dtype.kind not in "iu":
+                if arr.size == 0 and arr.ndim == 1:
+                    arr = arr.astype("int64")
+                else:
+                    raise TypeError(f"target must be an int, a sequence of ints or an integer "
+                                    f"tensor, got {target!r:.80}")
+            t = torch.as_tensor(arr)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"target must be an integer tensor, got dtype {t.dtype}")
+        if t.dim() == 0:
+            t = t.reshape(1, 1).expand(n, 1)
+        elif t.dim() == 1:
+            if t.shape[0] != n:
+                raise ValueError(f"target has {t.shape[0]} entries but x has {n} samples; expected "
+                                 f"one class per sample (length {n}), an int, or an (N, T) tensor")
+            t = t.reshape(n, 1)
+        elif t.dim() == 2:
+            if t.shape[0] != n:
+                raise ValueError(f"target of shape {tuple(t.shape)} must be (N, T) with N = {n}")
+            if t.shape[1] == 0:
+                raise ValueError("target of shape (N, 0) asks for no class; give T >= 1")
+        else:
+            raise ValueError(f"target must be an int, 1-D (N,) or 2-D (N, T), got shape "
+                             f"{tuple(t.shape)}")
+        t = t.to(torch.long)
+    if t.numel() and int(t.min()) < 0:
+        raise IndexError(f"target must be class indices >= 0, got {int(t.min())}")
+    return t.to(device)
+
+
+class TSGB:
+    """Target-Selective Gradient Backprop saliency for a CNN classifier.
+
+    ``TSGB(model).attribute(x, target)`` returns ``sum_c(gx * x)``, the TSGB map, (N, 1, H, W)
+    for one target per sample or (N, T, H, W) for an (N, T) target tensor. The model is left
+    exactly as it was. Use ``with TSGB(model) as ex:`` to keep it converted across calls.
+
+    Args:
+        model: the classifier (an ``nn.Module`` returning (N, classes) scores).
+        backend: ``"auto"`` (native where available for the input's device, else hooks),
+            ``"native"`` (the compiled ops) or ``"hooks"`` (pure PyTorch).
+        classifier: the ``nn.Linear`` (or its qualified name in ``model``) that gets the
+            TSGB-FC rule; default: the last Linear the forward pass executes.
+    """
+
+    def __init__(self, model: nn.Module, backend: str = "auto",
+                 classifier: Union[None, str, nn.Linear] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if backend == "native" and not _native.native_available():
+            raise RuntimeError(f"backend='native' was asked for but the compiled ops are not "
+                               f"available: {_native.load_error()}")
+        self.model = model
+        self.backend = backend
+        self._names: Dict[nn.Module, str] = {m: n for n, m in model.named_modules()}
+        self.classifier = self._resolve_classifier(classifier)
+        self._conversion: Optional[Conversion] = None
+        self.last_backend: Optional[str] = None
+
+    def _resolve_classifier(self, classifier) -> Optional[nn.Linear]:
+        if classifier is None:
+            if not any(isinstance(m, nn.Linear) for m in self.model.modules()):
+                raise ValueError(
+                    "the model has no nn.Linear to use as the classifier; name one with "
+                    "TSGB(model, classifier=<nn.Linear module or its name in "
+                    "model.named_modules()>)")
+            return None
+        if isinstance(classifier, str):
+            mods = dict(self.model.named_modules())
+            if classifier not in mods:
+                linears = [n for n, m in mods.items() if isinstance(m, nn.Linear)]
+                raise ValueError(f"classifier {classifier!r} is not a module of the model; its "
+                                 f"Linear layers are {linears}")
+            classifier = mods[classifier]
+        if not isinstance(classifier, nn.Linear):
+            raise TypeError(f"classifier must be an nn.Linear or its qualified name, got "
+                            f"{type(classifier).__name__}")
+        if classifier not in self._names:
+            raise ValueError("classifier must be a module of the model")
+        return classifier
+
+    # -- backend choice --------------------------------------------------------------------
+    def _backend_for(self, device: torch.device):
+        global _warned_fallback
+        if self.backend == "hooks":
+            return tsgb_hooks.BACKEND
+        if _native.native_available(device):
+            return _native_backend()
+        if self.backend == "native":
+            why = _native.load_error() or f"it was built without kernels for {device.type}"
+            raise RuntimeError(f"backend='native' cannot run on {device}: {why}")
+        if not _warned_fallback:
+            _warned_fallback = True
+            why = _native.load_error() or f"the compiled ops have no {device.type} kernels"
+            warnings.warn(f"tsgb_ext: using the pure-PyTorch 'hooks' backend on {device}: {why}",
+                          RuntimeWarning, stacklevel=3)
+        return tsgb_hooks.BACKEND
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "TSGB":
+        if self._conversion is not None:
+            raise RuntimeError("this TSGB explainer is already active in a with-block")
+        self._conversion = Conversion(self.model, tsgb_hooks.BACKEND, self.classifier,
+                                      self._names).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        conv, self._conversion = self._conversion, None
+        if conv is not None:
+            conv.restore()
+
+    # -- the saliency map ------------------------------------------------------------------
+    def attribute(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
+        """TSGB saliency maps of ``x`` for ``target``.
+
+        Args:
+            x: floating (N, C, H, W) tensor on the model's device.
+            target: None (each sample's top-1 class), an int (that class for every sample), a
+                sequence or 1-D integer tensor of length N (one class per sample), or an (N, T)
+                integer tensor (T classes per sample from one forward pass).
+        Returns:
+            (N, 1, H, W) maps, or (N, T, H, W) for an (N, T) target; on x's device and dtype.
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("TSGB.attribute needs autograd and cannot run under "
+                               "torch.inference_mode(); call it outside that block "
+                               "(torch.no_grad() is fine)")
+        _check_x(x)
+        n = x.shape[0]
+        tgt = _target_tensor(target, n, x.device)
+        backend = self._backend_for(x.device)
+        self.last_backend = backend.name
+        if n == 0:
+            t = tgt.shape[1] if tgt is not None else 1
+            return x.new_zeros((0, t) + tuple(x.shape[2:]))
+        if self._conversion is not None:
+            return self._run(self._conversion, backend, x, tgt)
+        with Conversion(self.model, backend, self.classifier, self._names) as conv:
+            return self._run(conv, backend, x, tgt)
+
+    __call__ = attribute
+
+    def _run(self, conv: Conversion, backend, x, tgt) -> torch.Tensor:
+        conv.backend = backend
+        xin = x.detach()
+        if xin.is_inference():
+            xin = xin.clone()
+        with torch.enable_grad():
+            xin.requires_grad_(True)
+            conv.begin_forward()
+            logits = _logits(self.model(xin))
+            if logits.shape[0] != x.shape[0]:
+                raise ValueError(f"the model returned {logits.shape[0]} rows of scores for "
+                                 f"{x.shape[0]} samples")
+            clf = conv.end_forward()
+            if clf is None:
+                raise ValueError("the forward pass ran no nn.Linear to use as the classifier; "
+                                 "name one with TSGB(model, classifier=...)")
+            k = logits.shape[1]
+            if tgt is None:
+                tgt = logits.detach().argmax(1, keepdim=True)
+            elif tgt.numel() and int(tgt.max()) >= k:
+                raise IndexError(f"target must be class indices in [0, {k}), got {int(tgt.max())}")
+            T = tgt.shape[1]
+            maps = []
+            for j in range(T):
+                g = torch.zeros_like(logits)
+                g.scatter_(1, tgt[:, j:j + 1], 1.0)
+                (gx,) = torch.autograd.grad(logits, xin, g, retain_graph=j < T - 1)
+                with torch.no_grad():
+                    maps.append((gx * x).sum(1, keepdim=True))
+        if self.classifier is None and conv is self._conversion:
+            # inside a with-block: fix the classifier found by this first call
+            conv.fix_classifier(clf)
+        sal = maps[0] if T == 1 else torch.cat(maps, 1)
+        return sal.to(x.dtype)
+
