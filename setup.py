@@ -102,7 +102,7 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("TSGB_WITH_CUDA", None))
         include_dirs += _nvidia_wheel_includes()
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "-lineinfo",
                                       "--expt-relaxed-constexpr"]
         ext_cls = cpp_extension.CUDAExtension
     print("tsgb_ext setup: torch %s (CUDA %s), building %s kernels%s; MAX_JOBS=%s"
