@@ -25,6 +25,16 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight,
   return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
 }
 
+// conv2d followed by ReLU, for a Conv2d immediately followed by nn.ReLU in an nn.Sequential
+// (VGG). Its backward is the conv rule applied to (grad at the ReLU output, ReLU output):
+// g * relu(y) == (g * 1[y > 0]) * y, so the ReLU's own backward pass disappears.
+at::Tensor conv2d_relu_forward(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  at::Tensor y = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+  return at::relu_(y);
+}
+
 at::Tensor batch_norm_forward(const at::Tensor& x, const at::Tensor& running_mean,
                               const at::Tensor& running_var,
                               const std::optional<at::Tensor>& weight,
@@ -72,6 +82,8 @@ TORCH_LIBRARY(tsgb_ext, m) {
   // ---- forward ops (outputs bit-identical to torch's) ----
   m.def("conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_relu(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
   m.def("batch_norm(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
         "Tensor? bias, float eps) -> Tensor");
   m.def("avg_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
@@ -98,6 +110,7 @@ TORCH_LIBRARY(tsgb_ext, m) {
 
 TORCH_LIBRARY_IMPL(tsgb_ext, CompositeExplicitAutograd, m) {
   m.impl("conv2d", &tsgb::conv2d_forward);
+  m.impl("conv2d_relu", &tsgb::conv2d_relu_forward);
   m.impl("batch_norm", &tsgb::batch_norm_forward);
   m.impl("avg_pool2d", &tsgb::avg_pool2d_forward);
   m.impl("linear", &tsgb::linear_forward);

@@ -174,6 +174,53 @@ class Conversion:
                                            m.groups)
         self._set_forward(m, forward)
 
+    def _patch_conv_relu(self, m: nn.Conv2d, relu: nn.ReLU) -> None:
+        """A Conv2d directly followed by nn.ReLU in an nn.Sequential: where the backend has a
+        fused conv+ReLU op, the conv computes relu(conv(x)) and the ReLU passes its input on.
+        The rule is unchanged (g * relu(y) == g * 1[y > 0] * y); a whole pass disappears."""
+        conv = self
+
+        def fused() -> bool:
+            return getattr(conv.backend, "conv2d_relu", None) is not None
+
+        def forward(x):
+            x, padding = _conv_args(x, m.weight, m.padding, m.dilation)
+            if fused():
+                return conv.backend.conv2d_relu(x, m.weight, m.bias, m.stride, padding,
+                                                m.dilation, m.groups)
+            return conv.backend.conv2d(x, m.weight, m.bias, m.stride, padding, m.dilation,
+                                       m.groups)
+
+        def relu_forward(x):
+            return x if fused() else F.relu(x)
+        self._set_forward(m, forward)
+        self._set_forward(relu, relu_forward)
+
+    def _fusable_pairs(self, modules) -> Dict[nn.Module, nn.Module]:
+        """Conv2d -> ReLU pairs inside nn.Sequential containers (the Sequential hands the conv's
+        output to the ReLU only); none with hooks, subclasses or non-zero padding modes."""
+        def plain(m):
+            return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                        or m._backward_pre_hooks or "forward" in m.__dict__)
+        pairs: Dict[nn.Module, nn.Module] = {}
+        taken = set()
+        for seq in modules:
+            if type(seq) is not nn.Sequential or not plain(seq):
+                continue
+            children = list(seq.children())
+            for a, b in zip(children, children[1:]):
+                if (type(a) is nn.Conv2d and type(b) is nn.ReLU and a.padding_mode == "zeros"
+                        and plain(a) and plain(b) and id(a) not in taken and id(b) not in taken
+                        and a not in pairs):
+                    pairs[a] = b
+                    taken.update((id(a), id(b)))
+        # a module used in two places could be handed other inputs: fuse only single uses
+        counts: Dict[int, int] = {}
+        for seq in modules:
+            for c in seq.children():
+                counts[id(c)] = counts.get(id(c), 0) + 1
+        return {a: b for a, b in pairs.items() if counts[id(a)] == 1 and counts[id(b)] == 1}
+
     def _patch_bn(self, m: nn.BatchNorm2d) -> None:
         conv = self
 
@@ -248,8 +295,14 @@ class Conversion:
                 m.inplace = False
                 self._undo.append(lambda m=m: setattr(m, "inplace", True))
 
+        fused = self._fusable_pairs(modules)
+        fused_relus = set(id(r) for r in fused.values())
         for m in modules:
-            if isinstance(m, nn.Conv2d):
+            if m in fused:
+                self._patch_conv_relu(m, fused[m])
+            elif id(m) in fused_relus:
+                pass
+            elif isinstance(m, nn.Conv2d):
                 self._patch_conv(m)
             elif isinstance(m, nn.BatchNorm2d) and not _overrides(m, nn.BatchNorm2d, "forward"):
                 self._patch_bn(m)

@@ -8,6 +8,7 @@ import weakref
 from typing import Optional, Tuple
 
 import torch
+from torch._prims_common import suggest_memory_format as _suggest_memory_format
 
 from tsgb_hooks import rules as _rules
 
@@ -17,43 +18,36 @@ _lib = "tsgb_ext::"
 
 
 # ---- fake kernels ---------------------------------------------------------------------
-def _out_size(i, k, s, p, d):
-    return (i + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _pool_out(i, k, s, p, ceil):
-    o = (i + 2 * p - k + ((s - 1) if ceil else 0)) // s + 1
-    if ceil and (o - 1) * s >= i + p:
-        o -= 1
-    return o
+# Output memory formats must match the real kernels stride for stride (opcheck compares them):
+#  * forward conv2d / avg_pool2d call torch's own op, so the fake runs torch's own meta kernel
+#    (whose format choice, e.g. channels_last for a channels_last weight, is the real one);
+#  * batch_norm and the backward ops allocate in x.suggest_memory_format() (the kernels'
+#    pick_memory_format / torch's eval batch_norm), which is channels_last also for sliced or
+#    otherwise non-dense channels_last views.
+def _suggest_format(x):
+    return _suggest_memory_format(x) if x.dim() == 4 else torch.contiguous_format
 
 
 @torch.library.register_fake(_lib + "conv2d")
 def _(x, weight, bias, stride, padding, dilation, groups):
-    n, _c, h, w = x.shape
-    k = weight.shape[0]
-    ho = _out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
-    wo = _out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
-    out = x.new_empty((n, k, ho, wo))
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    return torch.ops.aten.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+@torch.library.register_fake(_lib + "conv2d_relu")
+def _(x, weight, bias, stride, padding, dilation, groups):
+    return torch.ops.aten.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 @torch.library.register_fake(_lib + "batch_norm")
 def _(x, running_mean, running_var, weight, bias, eps):
-    return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                       memory_format=_suggest_format(x))
 
 
 @torch.library.register_fake(_lib + "avg_pool2d")
 def _(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    n, c, h, w = x.shape
-    ho = _pool_out(h, kernel_size[0], stride[0], padding[0], ceil_mode)
-    wo = _pool_out(w, kernel_size[1], stride[1], padding[1], ceil_mode)
-    out = x.new_empty((n, c, ho, wo))
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    return torch.ops.aten.avg_pool2d(x, kernel_size, stride, padding, ceil_mode,
+                                     count_include_pad, divisor_override)
 
 
 @torch.library.register_fake(_lib + "linear")
@@ -62,10 +56,8 @@ def _(x, weight, bias):
 
 
 def _grad_like_x(grad, x):
-    out = x.new_empty((grad.shape[0],) + tuple(x.shape[1:]))
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    return torch.empty((grad.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
+                       memory_format=_suggest_format(x))
 
 
 @torch.library.register_fake(_lib + "conv2d_backward")
@@ -102,6 +94,8 @@ def _conv_backward(ctx, grad):
 
 
 torch.library.register_autograd(_lib + "conv2d", _conv_backward, setup_context=_conv_setup)
+# conv + ReLU: the conv rule on (grad at the ReLU output, ReLU output); see csrc/ops.cpp.
+torch.library.register_autograd(_lib + "conv2d_relu", _conv_backward, setup_context=_conv_setup)
 
 
 def _bn_setup(ctx, inputs, output):
@@ -139,7 +133,7 @@ _split_cache: dict = {}
 
 
 def split_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode((weight,)) is not None:
         w = weight.double() if weight.dtype == torch.float32 else weight
         return _rules.split_weight(w)
     key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
@@ -184,6 +178,17 @@ torch.library.register_autograd(_lib + "linear", _linear_backward, setup_context
 
 
 # ---- the backend object ----------------------------------------------------------------
+def _autocast(x: torch.Tensor, *tensors):
+    """Under torch.autocast, cast like autocast does for conv/linear (to its lower-precision
+    dtype); custom ops are not covered by autocast's own casting."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dt) if t is not None and t.is_floating_point() else t
+                     for t in (x,) + tensors)
+    return (x,) + tensors
+
+
 class NativeBackend:
     """The compiled backend, as the interface tsgb_ext's model conversion expects."""
 
@@ -191,7 +196,14 @@ class NativeBackend:
 
     @staticmethod
     def conv2d(x, weight, bias, stride, padding, dilation, groups):
+        x, weight, bias = _autocast(x, weight, bias)
         return ops.conv2d(x, weight, bias, list(stride), list(padding), list(dilation), int(groups))
+
+    @staticmethod
+    def conv2d_relu(x, weight, bias, stride, padding, dilation, groups):
+        x, weight, bias = _autocast(x, weight, bias)
+        return ops.conv2d_relu(x, weight, bias, list(stride), list(padding), list(dilation),
+                               int(groups))
 
     @staticmethod
     def batch_norm(x, running_mean, running_var, weight, bias, eps):
@@ -204,6 +216,7 @@ class NativeBackend:
 
     @staticmethod
     def linear(x, weight, bias):
+        x, weight, bias = _autocast(x, weight, bias)
         return ops.linear(x, weight, bias)
 
     linear_rule = staticmethod(linear_rule)

@@ -278,6 +278,12 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+# --------------------------------------------------------------------------- explain ----
+def _add_explain(sub) -> None:
+    from .explain_cli import _add_explain as add  # registers cmd_explain
+    add(sub)
+
+
 # ------------------------------------------------------------------------------ main ----
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -287,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_demo(sub)
+    _add_explain(sub)
+    from .eval_cli import _add_eval
+    _add_eval(sub)
     return parser
 
 

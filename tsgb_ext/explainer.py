@@ -263,7 +263,9 @@ class TSGB:
             for j in range(T):
                 g = torch.zeros_like(logits)
                 g.scatter_(1, tgt[:, j:j + 1], 1.0)
-                (gx,) = torch.autograd.grad(logits, xin, g, retain_graph=j < T - 1)
+                # the rules handle precision themselves: no autocast inside their kernels
+                with torch.autocast(x.device.type, enabled=False):
+                    (gx,) = torch.autograd.grad(logits, xin, g, retain_graph=j < T - 1)
                 with torch.no_grad():
                     maps.append((gx * x).sum(1, keepdim=True))
         if self.classifier is None and conv is self._conversion:

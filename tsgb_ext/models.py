@@ -18,7 +18,7 @@ multiples of 32 (e.g. a 224 x 448 mosaic) get the same padding TF would use.
 from __future__ import annotations
 
 import functools
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -137,3 +137,148 @@ def preprocess(image, size: Union[int, Tuple[int, int]] = IMAGE_SIZE,
                device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """An RGB image (numpy (H, W, 3) or PIL) -> the model's (1, 3, h, w) input on ``device``."""
     return normalize(load_rgb(image, size, device))
+
+
+# ----------------------------------------------------------------------- model registry ----
+#: ImageNet mean and std of torchvision's classification models (on [0, 1] RGB).
+IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_MODEL = "efficientnet-lite0"
+
+
+class ModelSpecError(ValueError):
+    """``--model`` / ``--weights`` name no model that can be built (message says why)."""
+
+
+class LoadedModel:
+    """A classifier with the preprocessing it expects: ``model`` (eval, no parameter grads),
+    ``size`` (h, w), ``mean`` and ``std`` (on [0, 1] RGB) and ``class_names`` (or None)."""
+
+    def __init__(self, model: nn.Module, name: str, size: Tuple[int, int],
+                 mean: Tuple[float, ...], std: Tuple[float, ...], class_names=None):
+        self.model, self.name, self.size = model, name, tuple(size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.name!r}, size={self.size}, mean={self.mean}, std={self.std})"
+
+
+def torchvision_classifiers() -> Tuple[str, ...]:
+    """Names of torchvision's image classification architectures (``resnet18``, ...)."""
+    try:
+        import torchvision
+        from torchvision.models import list_models
+    except ImportError:
+        return ()
+    return tuple(list_models(module=torchvision.models))
+
+
+def load_state_dict_file(path: str):
+    """A state dict from ``path``, with ``torch.load(weights_only=True)`` (no arbitrary
+    unpickling); a checkpoint dict holding ``state_dict`` / ``model`` is unwrapped."""
+    import os
+    if not os.path.isfile(path):
+        raise ModelSpecError(f"--weights {path}: no such file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+        raise ModelSpecError(f"--weights {path}: not a loadable weights-only state dict "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+                             ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelSpecError(f"--weights {path}: expected a state dict (names -> tensors)")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def _last_linear_out(sd) -> Optional[int]:
+    outs = [v.shape[0] for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2]
+    return outs[-1] if outs else None
+
+
+def _load_into(model: nn.Module, sd, what: str) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ModelSpecError(f"--weights do not fit {what}: {str(e)[:600]}") from None
+
+
+def load_model(spec: str = DEFAULT_MODEL, weights: Optional[str] = None,
+               device: Union[str, torch.device] = "cpu") -> LoadedModel:
+    """Build the classifier named by ``spec`` (the CLI's ``--model``) on ``device``.
+
+    * ``efficientnet-lite0``: the bundled ImageNet-pretrained EfficientNet-Lite0 (224, its own
+      normalisation); ``weights`` replaces its weights.
+    * a torchvision classification architecture (``resnet18``, ``mobilenet_v3_small``, ...):
+      built untrained, with ``weights`` (a state dict file) loaded; the number of classes is
+      taken from the state dict's last 2-D weight. ImageNet normalisation, 224.
+    * ``package.module:factory``: ``factory()`` must return an ``nn.Module``; optional model
+      attributes ``input_size`` (int or (h, w)), ``mean``, ``std``, ``class_names`` set the
+      preprocessing. ``weights`` is loaded into it when given.
+
+    Weights are always read with ``torch.load(..., weights_only=True)``.
+    """
+    sd = load_state_dict_file(weights) if weights else None
+    size: Tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
+    names = None
+    if spec.replace("_", "-").lower() == DEFAULT_MODEL:
+        model = load_efficientnet_lite0("cpu")
+        if sd is not None:
+            _load_into(model, sd, spec)
+        mean, std = MEAN, STD
+        from . import imagenet
+        names = imagenet.class_names()
+    elif ":" in spec:
+        import importlib
+        mod_name, _, attr = spec.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ModelSpecError(f"--model {spec}: cannot import module {mod_name!r} ({e})") from None
+        factory = mod
+        for part in attr.split("."):
+            factory = getattr(factory, part, None)
+        if not callable(factory):
+            raise ModelSpecError(f"--model {spec}: {mod_name} has no callable {attr!r}")
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ModelSpecError(f"--model {spec}: the factory returned a "
+                                 f"{type(model).__name__}, not a torch.nn.Module")
+        if sd is not None:
+            _load_into(model, sd, spec)
+        s = getattr(model, "input_size", IMAGE_SIZE)
+        size = (s, s) if isinstance(s, int) else tuple(s)
+        mean = tuple(getattr(model, "mean", IMAGENET_MEAN))
+        std = tuple(getattr(model, "std", IMAGENET_STD))
+        names = getattr(model, "class_names", None)
+    else:
+        known = torchvision_classifiers()
+        if spec not in known:
+            close = [k for k in known if spec.lower().replace("-", "_") in k][:8]
+            raise ModelSpecError(
+                f"--model {spec}: unknown model; use {DEFAULT_MODEL}, a torchvision "
+                f"classification architecture (e.g. resnet18, mobilenet_v3_small"
+                + (f"; close: {', '.join(close)}" if close else "")
+                + ") with --weights FILE, or package.module:factory")
+        if sd is None:
+            raise ModelSpecError(f"--model {spec}: a torchvision architecture needs --weights "
+                                 f"FILE (a state dict); nothing is downloaded")
+        from torchvision.models import get_model
+        kwargs = {}
+        n_out = _last_linear_out(sd)
+        if n_out is not None and n_out != 1000:
+            kwargs["num_classes"] = int(n_out)
+        try:
+            model = get_model(spec, weights=None, **kwargs)
+        except Exception as e:
+            raise ModelSpecError(f"--model {spec}: cannot build it ({e})") from None
+        _load_into(model, sd, spec)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if n_out in (None, 1000):
+            from . import imagenet
+            names = imagenet.class_names()
+    model.eval().requires_grad_(False)
+    return LoadedModel(model.to(device), spec, size, mean, std, names)

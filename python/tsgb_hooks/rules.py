@@ -74,12 +74,15 @@ def bn_scale_shift(running_mean: torch.Tensor, running_var: torch.Tensor,
                    eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode BatchNorm as an affine map per channel: y = x * scale + shift (float32+)."""
     cd = torch.float32 if running_var.dtype in _HALF else running_var.dtype
-    scale = torch.rsqrt(running_var.to(cd) + eps)
+
+    def as_cd(t):  # no-op casts would hand the same tensor back (an alias torch.library flags)
+        return t if t.dtype == cd else t.to(cd)
+    scale = torch.rsqrt(as_cd(running_var) + eps)
     if weight is not None:
-        scale = scale * weight.to(cd)
-    shift = -running_mean.to(cd) * scale
+        scale = scale * as_cd(weight)
+    shift = -as_cd(running_mean) * scale
     if bias is not None:
-        shift = shift + bias.to(cd)
+        shift = shift + as_cd(bias)
     return scale, shift
 
 

@@ -1,0 +1,169 @@
+"""The benchmark rows shared by bench_cpu.py and bench_gpu.py.
+
+Every row is built by ``make_row(name, model, x, target)`` into ``(fn, cleanup, note)``:
+``fn()`` does the timed work for the whole batch, ``cleanup()`` undoes any conversion.
+The model is an eval-mode CNN with random weights; ``target`` is one class per image.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import sys
+from typing import Callable, List, Tuple
+
+import torch
+import torch.nn as nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import authors  # noqa: E402
+
+ROWS = {
+    "forward": "no-grad forward (the model alone)",
+    "gradient": "plain input gradient: forward + backward of the target logit to x, "
+                "params requires_grad=False, map = sum_c(gx*x)",
+    "authors": "authors' formulation (benchmarks/authors.py: autograd.Functions whose "
+               "backward recomputes each conv/BN forward, channel-summed ones-kernel box sums)",
+    "authors_full": "authors' commented-out fallback: ones_like(W) full convs for the box sums",
+    "hooks": "tsgb_ext backend='hooks' (pure PyTorch), model kept converted (with-block)",
+    "hooks_compile": "backend='hooks' with the converted model under torch.compile (default mode)",
+    "native": "tsgb_ext backend='native' (compiled ops), model kept converted (with-block)",
+    "native_t5": "backend='native', 5 targets per image ((N, 5) target): one forward, 5 backwards",
+    "native_percall": "backend='native', one un-converted call (conversion + restore included)",
+}
+DEFAULT_ROWS = ["forward", "gradient", "authors", "hooks", "hooks_compile", "native",
+                "native_t5", "native_percall"]
+
+
+def _classifier_name(model: nn.Module) -> str:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def make_targets(n: int, classes: int, t: int = 1, seed: int = 0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    tt = torch.randint(0, classes, (n, t), generator=gen)
+    return (tt[:, 0] if t == 1 else tt).to(device)
+
+
+def make_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+             ) -> Tuple[Callable[[], object], Callable[[], None], str]:
+    import tsgb_ext
+
+    def wrap(f):
+        def g():
+            with autocast():
+                return f()
+        return g
+
+    note = ""
+    if name == "forward":
+        def f():
+            with torch.no_grad():
+                return model(x)
+        return wrap(f), lambda: None, note
+
+    if name == "gradient":
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+
+        def f():
+            xi = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(xi)
+                sel = logits.gather(1, target.view(-1, 1)).sum()
+                (gx,) = torch.autograd.grad(sel, xi)
+            return (gx * x).sum(1, keepdim=True)
+
+        def cleanup():
+            for p, r in flags:
+                p.requires_grad_(r)
+        return wrap(f), cleanup, note
+
+    if name in ("authors", "authors_full"):
+        ex = authors.AuthorsTSGB(model, variant="full" if name == "authors_full" else
+                                 "published")
+        ex.__enter__()
+        return wrap(lambda: ex.attribute(x, target)), lambda: ex.__exit__(None, None, None), note
+
+    if name in ("hooks", "native", "native_t5"):
+        backend = "hooks" if name == "hooks" else "native"
+        tgt = target
+        if name == "native_t5":
+            classes = _num_classes(model)
+            tgt = torch.stack([(target + 37 * j) % classes for j in range(5)], 1)
+        ex = tsgb_ext.TSGB(model, backend=backend)
+        ex.__enter__()
+        return wrap(lambda: ex.attribute(x, tgt)), lambda: ex.__exit__(None, None, None), note
+
+    if name == "native_percall":
+        ex = tsgb_ext.TSGB(model, backend="native")
+        return wrap(lambda: ex.attribute(x, target)), lambda: None, note
+
+    if name == "hooks_compile":
+        # Convert (classifier named, so the patch is static and traceable), then compile the
+        # converted model's forward; the explainer calls the compiled module.
+        ex = tsgb_ext.TSGB(model, backend="hooks", classifier=_classifier_name(model))
+        ex.__enter__()
+        orig = ex.model
+        torch._dynamo.reset()
+        ex.model = torch.compile(model)
+
+        def cleanup():
+            ex.model = orig
+            ex.__exit__(None, None, None)
+            torch._dynamo.reset()
+        return wrap(lambda: ex.attribute(x, target)), cleanup, "compile time excluded"
+
+    raise ValueError(f"unknown row {name!r}; rows: {list(ROWS)}")
+
+
+def _num_classes(model: nn.Module) -> int:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def measure(fn, threads: int, repeat: int = 0, min_run_time: float = 1.0,
+            warmup: int = 1) -> Tuple[float, int]:
+    """Median seconds per call of ``fn`` with torch.utils.benchmark.Timer (which synchronises
+    CUDA). ``repeat > 0``: that many single-call timings; else blocked_autorange."""
+    from torch.utils.benchmark import Timer
+    for _ in range(warmup):
+        fn()
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    if repeat > 0:
+        times: List[float] = [timer.timeit(1).mean for _ in range(repeat)]
+        return statistics.median(times), len(times)
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return m.median, len(m.times) * m.number_per_run
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def compile_stats() -> str:
+    """Dynamo's counters since the last reset: graphs compiled and graph breaks."""
+    try:
+        from torch._dynamo.utils import counters
+        graphs = counters["stats"].get("unique_graphs", 0)
+        breaks = sum(counters["graph_break"].values())
+        return f"{graphs} graph(s), {breaks} graph break(s)"
+    except Exception:  # pragma: no cover
+        return "graph stats n/a"
+
+
+def fmt_err(e: BaseException) -> str:
+    s = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
+    return s[:160] + ("..." if len(s) > 160 else "")

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One-shot GPU check: build the CUDA kernels, run the CUDA tests, run the GPU benchmark.
+# Run from anywhere:  bash benchmarks/gpu_check.sh      (about 8 minutes at most)
+# Results go to $OUT (default benchmarks/out): gpu_results.md, build.log, pytest_*.txt.
+# Failing steps are reported and the script goes on to the benchmark table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out}"
+mkdir -p "$OUT"
+T0=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+status=0
+
+step "device and versions"
+nvidia-smi -L || echo "nvidia-smi failed"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+python -c "import torchvision; print('torchvision', torchvision.__version__)" 2>/dev/null || echo "torchvision: not installed (not needed)"
+
+step "build (FORCE_CUDA=1, sm 9.0)"
+if FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -5 "$OUT/build.log"
+else
+  tail -30 "$OUT/build.log"; echo "BUILD FAILED (continuing)"; status=1
+fi
+python -c "import tsgb_ext; print(tsgb_ext.backend_info())" 2>&1 | tee "$OUT/backend_info.txt"
+
+step "CUDA op tests (timeout 150 s)"
+tests=""
+for f in tests/test_cuda_ops.py tests/test_native_ops.py; do [ -f "$f" ] && tests="$tests $f"; done
+if [ -n "$tests" ]; then
+  timeout 150 python -m pytest -q -x $tests -k cuda -p no:cacheprovider 2>&1 \
+    | tee "$OUT/pytest_cuda_ops.txt" | tail -15
+  rc=${PIPESTATUS[0]}; echo "pytest exit $rc"; [ "$rc" = 0 ] || status=1
+else
+  echo "no CUDA op test files found"
+fi
+
+step "CUDA model tests (timeout 60 s)"
+if [ -f tests/test_models.py ] && grep -q cuda tests/test_models.py; then
+  timeout 60 python -m pytest -q tests/test_models.py -k cuda -p no:cacheprovider 2>&1 \
+    | tee "$OUT/pytest_models_cuda.txt" | tail -8
+  rc=${PIPESTATUS[0]}; echo "pytest exit $rc (5 = no test selected)"
+  [ "$rc" = 0 ] || [ "$rc" = 5 ] || status=1
+else
+  echo "tests/test_models.py has no cuda tests"
+fi
+
+step "GPU benchmark (timeout 200 s; compile rows not started after 140 s)"
+timeout 200 python benchmarks/bench_gpu.py --budget 140 --out "$OUT/gpu_results.md" \
+  > "$OUT/bench_gpu.log" 2>&1
+rc=$?; echo "bench_gpu exit $rc (124 = timed out; the table holds the rows done)"
+tail -3 "$OUT/bench_gpu.log"
+
+step "results"
+cat "$OUT/gpu_results.md" 2>/dev/null || echo "no table written"
+step "done (status $status)"
+exit $status
