@@ -109,7 +109,7 @@ class _DeferredLinear(torch.autograd.Function):
         if ctx.state.classifier is ctx.module:
             gx = ctx.conversion.backend.linear_rule(grad, x, w)
         else:
-            gx = grad @ w
+            gx = grad @ w.to(grad.dtype)  # (under autocast the forward ran in grad's dtype)
         return gx, None, None, None, None, None
 
 
