@@ -80,7 +80,6 @@ def run_timing(args) -> str:
             for row in rows:
                 note, cleanup = "", None
                 try:
-                    t0 = time.perf_counter()
                     fn, cleanup, note = make_row(row, model, x, t)
                     warm = 1 if row == "hooks_compile" else 0
                     tc = time.perf_counter()

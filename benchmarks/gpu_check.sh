@@ -36,6 +36,10 @@ else
   echo "no CUDA op test files found"
 fi
 
+step "CUDA model check: native vs hooks vs float64, channels_last, bf16 autocast (timeout 60 s)"
+timeout 60 python benchmarks/gpu_model_check.py 2>&1 | tee "$OUT/gpu_model_check.txt" | tail -4
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
 step "CUDA model tests (timeout 60 s)"
 if [ -f tests/test_models.py ] && grep -q cuda tests/test_models.py; then
   timeout 60 python -m pytest -q tests/test_models.py -k cuda -p no:cacheprovider 2>&1 \

@@ -5,7 +5,6 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision.models as tvm
 
 import tsgb_ext
@@ -261,7 +260,7 @@ def test_forward_that_raises_propagates_and_restores():
             self.net = small_net()
 
         def forward(self, x):
-            y = self.net(x)
+            self.net(x)
             raise KeyError("boom in forward")
 
     model = Boom()

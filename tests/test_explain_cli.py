@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsgb_ext import TSGB, cli, explain_cli, models, pipeline
+from tsgb_ext import TSGB, cli, explain_cli, pipeline
 
 _missing = [m for m in ("skimage", "PIL", "tqdm", "matplotlib")
             if importlib.util.find_spec(m) is None]

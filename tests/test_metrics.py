@@ -1,5 +1,4 @@
 """tsgb_ext.metrics against hand-computed cases (toy maps and toy models; fast, CPU)."""
-import math
 
 import numpy as np
 import pytest

@@ -18,7 +18,6 @@
 
 The whole module is skipped when the compiled ops (tsgb_ext._C) are not built.
 """
-import math
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ mode) and parameters' ``requires_grad`` (off, so no parameter gradient is comput
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -5,7 +5,7 @@ the model conversion uses. Only imported when tsgb_ext._C loaded.
 from __future__ import annotations
 
 import weakref
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch._prims_common import suggest_memory_format as _suggest_memory_format

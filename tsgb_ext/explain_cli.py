@@ -26,7 +26,7 @@ import re
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -480,7 +480,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         target, top_k = "top1", None
 
     from tqdm import tqdm
-    bar = tqdm(total=len(mine), unit="img", desc=f"tsgb explain" + (f" [rank {rank}]" if world > 1
+    bar = tqdm(total=len(mine), unit="img", desc="tsgb explain" + (f" [rank {rank}]" if world > 1
                                                                     else ""),
                disable=args.no_progress or rank != 0, dynamic_ncols=True, file=sys.stderr)
     failed: List[Tuple[str, str]] = []

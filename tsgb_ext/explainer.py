@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import warnings
-from typing import Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -217,35 +217,55 @@ class TSGB:
         Returns:
             (N, 1, H, W) maps, or (N, T, H, W) for an (N, T) target; on x's device and dtype.
         """
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("TSGB.attribute needs autograd and cannot run under "
-                               "torch.inference_mode(); call it outside that block "
-                               "(torch.no_grad() is fine)")
-        _check_x(x)
+        _check_call(x)
         n = x.shape[0]
         tgt = _target_tensor(target, n, x.device)
-        backend = self._backend_for(x.device)
-        self.last_backend = backend.name
         if n == 0:
+            self.last_backend = self._backend_for(x.device).name
             t = tgt.shape[1] if tgt is not None else 1
             return x.new_zeros((0, t) + tuple(x.shape[2:]))
-        with _tf32_off(x.is_cuda and not self.allow_tf32):
-            if self._conversion is not None:
-                return self._run(self._conversion, backend, x, tgt)
-            with Conversion(self.model, backend, self.classifier, self._names) as conv:
-                return self._run(conv, backend, x, tgt)
+
+        def select(logits: torch.Tensor) -> torch.Tensor:
+            if tgt is None:
+                return logits.argmax(1, keepdim=True)
+            k = logits.shape[1]
+            if tgt.numel() and int(tgt.max()) >= k:
+                raise IndexError(f"target must be class indices in [0, {k}), got {int(tgt.max())}")
+            return tgt
+        return self.explain(x, select)[0]
 
     __call__ = attribute
 
-    def _run(self, conv: Conversion, backend, x, tgt) -> torch.Tensor:
+    def explain(self, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor],
+                amp_dtype: Optional[torch.dtype] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Maps for targets chosen from this very forward pass (for pipelines, top-k, ...).
+
+        ``select(logits)`` gets the detached (N, classes) scores and returns an (N, T) int64
+        tensor of classes. ``amp_dtype`` autocasts the forward pass only. Returns
+        ``(maps (N, T, H, W), targets (N, T), logits (N, classes))``, all from one forward.
+        """
+        _check_call(x)
+        backend = self._backend_for(x.device)
+        self.last_backend = backend.name
+        with _tf32_off(x.is_cuda and not self.allow_tf32):
+            if self._conversion is not None:
+                return self._run(self._conversion, backend, x, select, amp_dtype)
+            with Conversion(self.model, backend, self.classifier, self._names) as conv:
+                return self._run(conv, backend, x, select, amp_dtype)
+
+    def _run(self, conv: Conversion, backend, x, select, amp_dtype):
         conv.backend = backend
         xin = x.detach()
         if xin.is_inference():
             xin = xin.clone()
+        amp = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
+               else contextlib.nullcontext())
         with torch.enable_grad():
             xin.requires_grad_(True)
             conv.begin_forward()
-            logits = _logits(self.model(xin))
+            with amp:
+                logits = _logits(self.model(xin))
             if logits.shape[0] != x.shape[0]:
                 raise ValueError(f"the model returned {logits.shape[0]} rows of scores for "
                                  f"{x.shape[0]} samples")
@@ -253,11 +273,7 @@ class TSGB:
             if clf is None:
                 raise ValueError("the forward pass ran no nn.Linear to use as the classifier; "
                                  "name one with TSGB(model, classifier=...)")
-            k = logits.shape[1]
-            if tgt is None:
-                tgt = logits.detach().argmax(1, keepdim=True)
-            elif tgt.numel() and int(tgt.max()) >= k:
-                raise IndexError(f"target must be class indices in [0, {k}), got {int(tgt.max())}")
+            tgt = select(logits.detach())
             T = tgt.shape[1]
             maps = []
             for j in range(T):
@@ -272,5 +288,12 @@ class TSGB:
             # inside a with-block: fix the classifier found by this first call
             conv.fix_classifier(clf)
         sal = maps[0] if T == 1 else torch.cat(maps, 1)
-        return sal.to(x.dtype)
+        return sal.to(x.dtype), tgt, logits.detach()
 
+
+def _check_call(x) -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("TSGB.attribute needs autograd and cannot run under "
+                           "torch.inference_mode(); call it outside that block "
+                           "(torch.no_grad() is fine)")
+    _check_x(x)

@@ -19,7 +19,6 @@ of an image come from one forward pass of the model (and T backward passes).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import warnings
@@ -28,8 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from ._convert import Conversion
-from .explainer import TSGB, _check_x, _logits
+from .explainer import TSGB
 
 #: File name extensions (lower case) taken as images when a folder is searched.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -205,39 +203,13 @@ def _attribute_select(ex: TSGB, x: torch.Tensor, select, amp_dtype=None
     ``select(logits) -> ((N, T) ids, (N, T) valid)``. Returns maps, ids, valid, logits.
     ``amp_dtype``: autocast the forward pass (only: the TSGB rules then run on its saved
     low-precision activations, outside autocast)."""
-    _check_x(x)
-    backend = ex._backend_for(x.device)
-    ex.last_backend = backend.name
-    conv_cm = (contextlib.nullcontext(ex._conversion) if ex._conversion is not None
-               else Conversion(ex.model, backend, ex.classifier, ex._names))
-    with conv_cm as conv:
-        conv.backend = backend
-        xin = x.detach()
-        if xin.is_inference():
-            xin = xin.clone()
-        with torch.enable_grad():
-            xin.requires_grad_(True)
-            conv.begin_forward()
-            amp_ctx = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
-                       else contextlib.nullcontext())
-            with amp_ctx:
-                logits = _logits(ex.model(xin))
-            clf = conv.end_forward()
-            if clf is None:
-                raise ValueError("the forward pass ran no nn.Linear to use as the classifier; "
-                                 "name one with classifier=...")
-            tgt, valid = select(logits.detach())
-            T = tgt.shape[1]
-            maps = []
-            for j in range(T):
-                g = torch.zeros_like(logits)
-                g.scatter_(1, tgt[:, j:j + 1], 1.0)
-                (gx,) = torch.autograd.grad(logits, xin, g, retain_graph=j < T - 1)
-                with torch.no_grad():
-                    maps.append((gx.float() * x.float()).sum(1, keepdim=True))
-        if ex.classifier is None and conv is ex._conversion:
-            conv.fix_classifier(clf)
-    return torch.cat(maps, 1), tgt, valid, logits.detach()
+    chosen = {}
+
+    def pick(logits):
+        chosen["tgt"], chosen["valid"] = select(logits)
+        return chosen["tgt"]
+    maps, tgt, logits = ex.explain(x, pick, amp_dtype)
+    return maps, tgt, chosen["valid"], logits
 
 
 def _split_batch(batch) -> Tuple[torch.Tensor, Dict[str, Any]]:

@@ -37,12 +37,12 @@ def main():
         s = MAX_SIDE / max(im.size)
         im = im.resize((round(im.width * s), round(im.height * s)), Image.LANCZOS)
         im.save(os.path.join(root, "JPEGImages", name + ".jpg"), quality=85)
-        xml = [f"<annotation>", f"  <folder>voc_small</folder>", f"  <filename>{name}.jpg</filename>",
+        xml = ["<annotation>", "  <folder>voc_small</folder>", f"  <filename>{name}.jpg</filename>",
                f"  <size><width>{im.width}</width><height>{im.height}</height><depth>3</depth></size>"]
         for obj, x0, y0, x1, y1 in objs:
-            xml += [f"  <object>", f"    <name>{obj}</name>", f"    <difficult>0</difficult>",
+            xml += ["  <object>", f"    <name>{obj}</name>", "    <difficult>0</difficult>",
                     f"    <bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>"
-                    f"<xmax>{x1 + 1}</xmax><ymax>{y1 + 1}</ymax></bndbox>", f"  </object>"]
+                    f"<xmax>{x1 + 1}</xmax><ymax>{y1 + 1}</ymax></bndbox>", "  </object>"]
         xml.append("</annotation>")
         with open(os.path.join(root, "Annotations", name + ".xml"), "w") as f:
             f.write("\n".join(xml) + "\n")
