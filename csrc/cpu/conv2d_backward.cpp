@@ -6,9 +6,11 @@
 //   r[b,gi,o] = (sum_{k in gi} grad[b,k,o] * y[b%N,k,o]) / (d[b%N,gi,o] + eps)
 //   t[b,gi,i] = sum over o whose window contains i of r[b,gi,o]   (gather, no atomics)
 //   gx[b,c,i] = sign(x[b%N,c,i]) * t[b,gi(c),i]
-// Only G-channel intermediates are materialised (a, d, r; a is skipped when C/G == 1 and r
-// reuses d's buffer when B == N); t lives in a per-task row buffer and
-// is consumed immediately. Activation traffic: x read twice, grad and y once, gx written once.
+// Only G-channel intermediates are materialised (a, d, r, t; a is skipped when C/G == 1 and r
+// reuses d's buffer when B == N; for channels_last t lives in a per-task row buffer).
+// Activation traffic: x read twice, grad and y once, gx written once. The NCHW passes walk
+// (plane, chunk of kChunk contiguous pixels) tasks, so inner loops stay long and vectorisable
+// also on the 7x7 planes of late layers.
 //
 // Intermediates use the layout [P][rows][cols][Ci] with Ci innermost: for NCHW activations
 // Ci = 1 and P = batch*G (one plane per group), for channels_last Ci = G and P = batch, so the
@@ -30,6 +32,7 @@ namespace {
 
 constexpr const char* kOp = "tsgb_ext.conv2d_backward";
 constexpr int64_t kGrainElems = 16384;  // minimum elements of work per parallel task
+constexpr int64_t kChunk = 2048;        // contiguous pixels per task in the NCHW passes
 
 inline int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
@@ -149,15 +152,17 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
   if (a_is_x) {
     // nothing to do: a = |x|
   } else if (!channels_last) {
-    at::parallel_for(0, N * G * H, grain_for(W * Cg), [&](int64_t begin, int64_t end) {
+    // (n, g) planes in chunks of contiguous pixels: long, vectorisable inner loops also for
+    // the small late-layer planes (7x7), channels streamed one after another.
+    const int64_t chunks = ceil_div_nonneg(HW, kChunk);
+    at::parallel_for(0, N * G * chunks, grain_for(kChunk * Cg), [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t ng = idx / H, h = idx % H;  // ng = n*G + g
-        acc_t* arow = a + idx * W;
-        std::fill(arow, arow + W, acc_t(0));
-        const scalar_t* xrow = xp + (ng * Cg * H + h) * W;  // channel n*C + g*Cg
-        for (int64_t c = 0; c < Cg; ++c, xrow += HW) {
-          for (int64_t w = 0; w < W; ++w) arow[w] += std::abs(static_cast<acc_t>(xrow[w]));
-        }
+        const int64_t ng = idx / chunks, i0 = (idx % chunks) * kChunk;
+        const int64_t len = std::min(kChunk, HW - i0);
+        acc_t* aseg = a + ng * HW + i0;
+        std::fill(aseg, aseg + len, acc_t(0));
+        const scalar_t* xseg = xp + ng * Cg * HW + i0;  // channel n*C + g*Cg
+        for (int64_t c = 0; c < Cg; ++c, xseg += HW) add_abs_span(aseg, xseg, len);
       }
     });
   } else {
@@ -184,23 +189,25 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
 
   // 3. r = (group sums of grad*y) / (d + eps) (the only read of grad and y).
   if (!channels_last) {
-    at::parallel_for(0, B * G * Ho, grain_for(Wo * Kg), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sbuf(Wo);
+    const int64_t chunks = ceil_div_nonneg(HoWo, kChunk);
+    at::parallel_for(0, B * G * chunks, grain_for(kChunk * Kg), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sbuf(kChunk);
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t bg = idx / Ho, oh = idx % Ho;
+        const int64_t bg = idx / chunks, o0 = (idx % chunks) * kChunk;
+        const int64_t len = std::min(kChunk, HoWo - o0);
         const int64_t b = bg / G, g = bg % G, n = b % N;
-        acc_t* srow = sbuf.data();
-        acc_t* rrow = r + idx * Wo;
-        std::fill(srow, srow + Wo, acc_t(0));
-        const scalar_t* grow = gp + ((b * K + g * Kg) * Ho + oh) * Wo;
-        const scalar_t* yrow = yp + ((n * K + g * Kg) * Ho + oh) * Wo;
-        for (int64_t k = 0; k < Kg; ++k, grow += HoWo, yrow += HoWo) {
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            srow[ow] += static_cast<acc_t>(grow[ow]) * static_cast<acc_t>(yrow[ow]);
+        acc_t* sseg = sbuf.data();
+        std::fill(sseg, sseg + len, acc_t(0));
+        const scalar_t* gseg = gp + (b * K + g * Kg) * HoWo + o0;
+        const scalar_t* yseg = yp + (n * K + g * Kg) * HoWo + o0;
+        for (int64_t k = 0; k < Kg; ++k, gseg += HoWo, yseg += HoWo) {
+          for (int64_t o = 0; o < len; ++o) {
+            sseg[o] += static_cast<acc_t>(gseg[o]) * static_cast<acc_t>(yseg[o]);
           }
         }
-        const acc_t* drow = d + ((n * G + g) * Ho + oh) * Wo;
-        for (int64_t ow = 0; ow < Wo; ++ow) rrow[ow] = srow[ow] / (drow[ow] + eps);
+        const acc_t* dseg = d + (n * G + g) * HoWo + o0;
+        acc_t* rseg = r + bg * HoWo + o0;
+        for (int64_t o = 0; o < len; ++o) rseg[o] = sseg[o] / (dseg[o] + eps);
       }
     });
   } else {
@@ -231,18 +238,27 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
   // 4+5. t row by row (transposed box sum into a task-local buffer), then
   //      gx = sign(x) * t (second read of x, the only write of gx).
   if (!channels_last) {
-    at::parallel_for(0, B * G * H, grain_for(W * (Cg + win.kh * win.kw)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> tbuf(W);
-      acc_t* trow = tbuf.data();
+    // t planes (B*G single-channel planes) first, then one chunked pass over x writing gx.
+    at::Tensor t_t = at::empty({B * G * HW}, acc_opts);
+    acc_t* t = t_t.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B * G * H, grain_for(W * win.kh * win.kw), [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t bg = idx / H, h = idx % H;
+        box_sum_transposed_row<acc_t>(r + bg * HoWo, t + idx * W, h, W, 1, Ho, Wo, win);
+      }
+    });
+    const int64_t chunks = ceil_div_nonneg(HW, kChunk);
+    at::parallel_for(0, B * G * chunks, grain_for(kChunk * Cg), [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t bg = idx / chunks, i0 = (idx % chunks) * kChunk;
+        const int64_t len = std::min(kChunk, HW - i0);
         const int64_t b = bg / G, g = bg % G, n = b % N;
-        box_sum_transposed_row<acc_t>(r + bg * HoWo, trow, h, W, 1, Ho, Wo, win);
-        const scalar_t* xrow = xp + ((n * C + g * Cg) * H + h) * W;
-        scalar_t* gxrow = gxp + ((b * C + g * Cg) * H + h) * W;
-        for (int64_t c = 0; c < Cg; ++c, xrow += HW, gxrow += HW) {
-          for (int64_t w = 0; w < W; ++w) {
-            gxrow[w] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xrow[w])) * trow[w]);
+        const acc_t* tseg = t + bg * HW + i0;
+        const scalar_t* xseg = xp + (n * C + g * Cg) * HW + i0;
+        scalar_t* gxseg = gxp + (b * C + g * Cg) * HW + i0;
+        for (int64_t c = 0; c < Cg; ++c, xseg += HW, gxseg += HW) {
+          for (int64_t i = 0; i < len; ++i) {
+            gxseg[i] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xseg[i])) * tseg[i]);
           }
         }
       }
