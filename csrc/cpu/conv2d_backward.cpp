@@ -299,6 +299,33 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
   }
 }
 
+// Depthwise convs (one input channel per group, G = C): the G-channel intermediates are as large
+// as x, and the box sums are depthwise convolutions with a ones kernel. oneDNN runs those far
+// faster than the scalar gather loops above (measured on EfficientNet-Lite0's stride-2 5x5
+// layers: 71 ms -> a few ms per layer on 2 cores), so the box sums go through ATen's conv ops
+// on |x| and on r (a G-channel ones kernel: not the layer's convolution, which is never
+// recomputed). Accumulation in float32 (float64 for double).
+at::Tensor depthwise_backward_aten(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                                   const Window2d& win, int64_t G, double eps,
+                                   at::MemoryFormat fmt) {
+  const int64_t B = grad.size(0), N = x.size(0), H = x.size(2), W = x.size(3);
+  const int64_t K = y.size(1), Ho = y.size(2), Wo = y.size(3), Kg = K / G, T = B / N;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xa = x.to(acc).contiguous(fmt);
+  const at::Tensor ones = at::ones({G, 1, win.kh, win.kw}, xa.options());
+  const std::vector<int64_t> st{win.sh, win.sw}, pd{win.ph, win.pw}, dl{win.dh, win.dw};
+  at::Tensor d = at::conv2d(xa.abs(), ones, {}, st, pd, dl, G);  // (N, G, Ho, Wo)
+  at::Tensor gy = grad.to(acc) * (T == 1 ? y.to(acc) : y.to(acc).repeat({T, 1, 1, 1}));
+  at::Tensor s = Kg == 1 ? gy : gy.reshape({B, G, Kg, Ho, Wo}).sum(2);
+  at::Tensor r = s.div_(T == 1 ? d.add_(eps) : d.add_(eps).repeat({T, 1, 1, 1}));
+  // transposed box sum back to (H, W): the output padding makes the sizes exact
+  const int64_t oph = H - ((Ho - 1) * win.sh - 2 * win.ph + win.dh * (win.kh - 1) + 1);
+  const int64_t opw = W - ((Wo - 1) * win.sw - 2 * win.pw + win.dw * (win.kw - 1) + 1);
+  at::Tensor t = at::conv_transpose2d(r.contiguous(fmt), ones, {}, st, pd, {oph, opw}, G, dl);
+  at::Tensor sx = T == 1 ? at::sign(xa) : at::sign(xa).repeat({T, 1, 1, 1});
+  return sx.mul_(t).to(x.scalar_type()).contiguous(fmt);
+}
+
 at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -334,6 +361,10 @@ at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, cons
               ", stride ", stride, ", padding ", padding, ", dilation ", dilation, "; got y of shape ",
               y.sizes());
 
+  if (groups > 1 && C == groups) {
+    return depthwise_backward_aten(grad.contiguous(fmt), x.contiguous(fmt), y.contiguous(fmt),
+                                   win, groups, eps, fmt);
+  }
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor yc = y.contiguous(fmt);
   const at::Tensor gc = grad.contiguous(fmt);
