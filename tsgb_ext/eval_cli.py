@@ -283,7 +283,8 @@ def run_grid(directory: str, methods: Sequence[str], n_grids: int = 20, seed: in
     return results, info
 
 
-def cmd_eval_grid(args) -> int:
+def _setup(args) -> torch.device:
+    """Check --device, --backend and the pretrained model up front; the device."""
     from . import models
     dev = resolve_device(args.device)
     check_backend(args.backend, dev)
@@ -291,6 +292,11 @@ def cmd_eval_grid(args) -> int:
         models.require_efficientnet_lite0()
     except models.ModelUnavailableError as e:
         raise CLIError(str(e)) from None
+    return dev
+
+
+def cmd_eval_grid(args) -> int:
+    dev = _setup(args)
     with full_fp32(dev):
         results, info = run_grid(args.dir, args.methods, args.grids, args.seed, args.labels,
                                  str(dev), args.backend, args.batch_size)
@@ -428,13 +434,7 @@ def _resize_whole(im, dev) -> torch.Tensor:
 
 
 def cmd_eval_pointing(args) -> int:
-    from . import models
-    dev = resolve_device(args.device)
-    check_backend(args.backend, dev)
-    try:
-        models.require_efficientnet_lite0()
-    except models.ModelUnavailableError as e:
-        raise CLIError(str(e)) from None
+    dev = _setup(args)
     with full_fp32(dev):
         results, info = run_pointing(args.dir, args.methods, args.labels, str(dev), args.backend,
                                      args.batch_size, args.tolerance)
