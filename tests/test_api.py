@@ -312,3 +312,17 @@ def test_with_block_is_not_reentrant():
     with ex:
         with pytest.raises(RuntimeError, match="already active"):
             ex.__enter__()
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_explain_topk_from_one_forward_equals_attribute(backend):
+    model = resnet()
+    x = torch.randn(2, 3, 40, 40)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(1))
+    with tsgb_ext.TSGB(model, backend=backend) as ex:
+        maps, classes, logits = ex.explain(x, lambda lg: lg.topk(3).indices)
+        assert len(calls) == 1  # one forward for all three targets
+        assert maps.shape == (2, 3, 40, 40) and classes.shape == (2, 3)
+        torch.testing.assert_close(classes, model(x).topk(3).indices)
+        torch.testing.assert_close(maps, ex.attribute(x, classes))
