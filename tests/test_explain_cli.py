@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import tsgb_ext
+
 from tsgb_ext import TSGB, cli, explain_cli, pipeline
 
 _missing = [m for m in ("skimage", "PIL", "tqdm", "matplotlib")
@@ -85,6 +87,19 @@ def test_npy_top1_index_and_maps(imgs, tmp_path, capsys):
     assert "corrupt.jpg" in printed.out and "unreadable (skipped): 1" in printed.out
     assert "corrupt.jpg" in (out / "failed.csv").read_text()
     assert "5 images explained" in printed.out and "images/s" in printed.out
+
+
+@pytest.mark.parametrize("backend", ["hooks", pytest.param("native", marks=pytest.mark.skipif(
+    not tsgb_ext.native_available(), reason="tsgb_ext._C not built"))])
+def test_amp_bf16_gives_finite_maps_close_to_float32(imgs, tmp_path, backend):
+    out = tmp_path / "out"
+    assert run([imgs, "--out", out, *TINY, "--amp", "bf16", "--backend", backend]) == 0
+    rows = index(out)
+    maps = np.stack([load_map(out, r) for r in rows]).astype(np.float32)
+    assert len(rows) == 5 and np.isfinite(maps).all()
+    ref = expected_maps([r["image"] for r in rows], [[int(r["target"])] for r in rows])[:, 0]
+    cos = (maps * ref).sum() / (np.linalg.norm(maps) * np.linalg.norm(ref))
+    assert cos > 0.5, cos  # bf16 forward: the same map, coarsely
 
 
 def test_png_and_npy_top_k(imgs, tmp_path):
@@ -205,7 +220,6 @@ def test_interrupted_run_then_resume(imgs, tmp_path, capsys):
     (["--mean", "1,2"], "--mean"),
     (["--device", "tpu"], "--device"),
     (["--batch-size", "0"], "--batch-size"),
-    (["--amp", "bf16", "--backend", "native"], "--amp"),
 ])
 def test_bad_inputs_are_rejected_up_front(imgs, tmp_path, capsys, extra, message):
     f = tmp_path / "a_file"

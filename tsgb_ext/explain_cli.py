@@ -125,7 +125,7 @@ def _add_explain(sub) -> None:
                         "torchrun: cuda:LOCAL_RANK)")
     g.add_argument("--amp", choices=("bf16", "fp16"),
                    help="autocast the forward pass (faster on GPUs; maps are far less accurate: "
-                        "TSGB divides by activations; uses the hooks backend)")
+                        "TSGB divides by activations)")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="TSGB backend: auto (native where available, else hooks), native or "
                         "hooks (pure PyTorch); default: auto")
@@ -385,11 +385,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         dev_spec = args.device
     dev = resolve_device(dev_spec)
     backend = args.backend
-    if args.amp:
-        if backend == "native":
-            raise CLIError("--amp needs --backend hooks or auto: the native kernels take "
-                           "float32 activations only")
-        backend = "hooks"
     check_backend(backend, dev)
     out = prepare_out_dir(args.out)
     try:
