@@ -131,7 +131,6 @@ class Conversion:
         self._undo: List[Callable[[], None]] = []
         self._deferred: List[Callable[[], None]] = []
         self._warned: set = set()
-        self.active = False
 
     # -- patching ---------------------------------------------------------------------
     def _set_forward(self, m: nn.Module, fn: Callable) -> Callable[[], None]:
@@ -316,7 +315,6 @@ class Conversion:
                     self._patch_deferred(m)
         if self.classifier is not None and not isinstance(self.classifier, nn.Linear):
             raise TypeError("classifier must be an nn.Linear")
-        self.active = True
 
     def begin_forward(self) -> None:
         self.state.executed.clear()
@@ -346,4 +344,3 @@ class Conversion:
         while self._undo:
             self._undo.pop()()
         self._deferred.clear()
-        self.active = False

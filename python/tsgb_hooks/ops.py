@@ -6,7 +6,6 @@ a gradient; parameters never do.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -114,11 +113,6 @@ class HooksBackend:
     avg_pool2d = staticmethod(avg_pool2d)
     linear = staticmethod(linear)
     linear_rule = staticmethod(linear_rule)
-
-    @staticmethod
-    def supports(x: torch.Tensor) -> Optional[str]:
-        """None when this backend can explain ``x``; else why not."""
-        return None
 
 
 BACKEND = HooksBackend()
