@@ -177,3 +177,16 @@ def test_forward_outputs_bit_identical(name):
         with torch.no_grad():
             got = model(x)
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not tsgb_ext.native_available(), reason="tsgb_ext._C not built")
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg11_bn"])
+def test_native_channels_last_model_matches_hooks(name):
+    model, size = build(name)
+    x = make_input(2, size, seed=2).contiguous(memory_format=torch.channels_last)
+    m_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    native = tsgb_ext.TSGB(m_cl, backend="native").attribute(x, [1, 8])
+    hooks = tsgb_ext.TSGB(m_cl, backend="hooks").attribute(x, [1, 8])
+    assert rel_err(native, hooks) <= 1e-4
+    want = ref.reference_saliency_same_forward(m_cl, x, [1, 8])
+    assert rel_err(native, want) <= 1e-4
