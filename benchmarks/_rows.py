@@ -167,3 +167,13 @@ def compile_stats() -> str:
 def fmt_err(e: BaseException) -> str:
     s = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
     return s[:160] + ("..." if len(s) > 160 else "")
+
+
+def run_cleanup(cleanup, lines: List[str]) -> None:
+    """Run a row's cleanup; a failure is appended to the row's table line, never raised."""
+    if cleanup is None:
+        return
+    try:
+        cleanup()
+    except Exception as e:
+        lines[-1] = lines[-1][:-1] + f" cleanup failed: {fmt_err(e)} |"

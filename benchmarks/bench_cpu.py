@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _models  # noqa: E402
-from _rows import (DEFAULT_ROWS, ROWS, compile_stats, cpu_model_name, fmt_err,  # noqa: E402
+from _rows import (DEFAULT_ROWS, ROWS, compile_stats, cpu_model_name, fmt_err, run_cleanup,  # noqa: E402
                    make_row, make_targets, measure)
 
 MEMORY_ROWS = ["forward", "gradient", "authors", "hooks", "native"]
@@ -99,11 +99,7 @@ def run_timing(args) -> str:
                     lines.append(f"| {name} | {batch} | {row} | - | - | - | - | - | "
                                  f"FAILED {fmt_err(e)} |")
                 finally:
-                    if cleanup is not None:
-                        try:
-                            cleanup()
-                        except Exception as e:
-                            lines[-1] = lines[-1][:-1] + f" cleanup failed: {fmt_err(e)} |"
+                    run_cleanup(cleanup, lines)
                 print(lines[-1], flush=True)
                 flush()
     return flush()

@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _models  # noqa: E402
-from _rows import ROWS, compile_stats, fmt_err, make_row, make_targets, measure  # noqa: E402
+from _rows import ROWS, compile_stats, fmt_err, make_row, make_targets, measure, run_cleanup  # noqa: E402
 
 EAGER_ROWS = ["forward", "gradient", "authors", "hooks", "native", "native_t5", "native_percall"]
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -236,11 +236,7 @@ def main(argv=None) -> int:
         except Exception as e:
             lines.append(f"| {name} | {dname} | {row} | - | - | - | - | FAILED {fmt_err(e)} |")
         finally:
-            if cleanup is not None:
-                try:
-                    cleanup()
-                except Exception as e:
-                    lines[-1] = lines[-1][:-1] + f" cleanup failed: {fmt_err(e)} |"
+            run_cleanup(cleanup, lines)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         print(lines[-1], f"[{time.perf_counter() - t_start:.0f} s]", flush=True)

@@ -142,6 +142,18 @@ class GuidedBackprop(_GradMethod):
         return [m.register_forward_hook(hook) for m in mods]
 
 
+def forward_with_hooks(model: nn.Module, x: torch.Tensor, modules, hook) -> None:
+    """One no-grad forward of ``x`` with ``hook`` as a forward hook on ``modules`` (removed
+    afterwards, also when the forward raises)."""
+    hs = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hs:
+            h.remove()
+
+
 def _default_cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """The last leaf module whose output is a (N, C, h, w) map with h * w > 1."""
     last = []
@@ -150,14 +162,7 @@ def _default_cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
         if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
             last.append(mod)
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    hs = [m.register_forward_hook(rec) for m in leaves]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in hs:
-            h.remove()
+    forward_with_hooks(model, x[:1], [m for m in model.modules() if not list(m.children())], rec)
     if not last:
         raise ValueError("GradCAM found no module with a 4-D (N, C, h, w) output; pass layer=")
     return last[-1]

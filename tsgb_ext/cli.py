@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .explainer import _tf32_off
+
 BACKENDS = ("auto", "native", "hooks")
 MAX_TOP_K = 10
 #: Layout of the demo mosaic: one row, the cat (left tile) then the coffee (right tile).
@@ -167,16 +169,8 @@ def full_fp32(device: torch.device):
     maps with TF32 (the espresso map's mass in its tile fell from 98% to 75%) and 4.5% off
     without it (CPU float32: 11%, with the same tile fractions as float64).
     """
-    if torch.device(device).type != "cuda":
+    with _tf32_off(torch.device(device).type == "cuda"):
         yield
-        return
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def run_demo(out: str, top_k: int = 3, device: str = "cpu", backend: str = "auto",

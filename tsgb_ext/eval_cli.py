@@ -295,6 +295,18 @@ def _setup(args) -> torch.device:
     return dev
 
 
+def _report(results, metric_names, args, plot_title, chance=None) -> int:
+    """Print the table; write --json and --plot when asked."""
+    _print_table(results, metric_names, print)
+    if args.json:
+        _write_json(args.json, results)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(results, metric_names, args.plot, plot_title, chance=chance)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def cmd_eval_grid(args) -> int:
     dev = _setup(args)
     with full_fp32(dev):
@@ -302,16 +314,8 @@ def cmd_eval_grid(args) -> int:
                                  str(dev), args.backend, args.batch_size)
     print(f"grid pointing game: {args.grids} 2x2 mosaics (seed {args.seed}) of "
           f"{len(info['photos'])} photos, EfficientNet-Lite0, {dev}; random = 0.250")
-    _print_table(results, ["grid_pointing_game", "grid_pointing_hit"], print)
-    if args.json:
-        _write_json(args.json, results)
-        print(f"wrote {args.json}")
-    if args.plot:
-        write_plot(results, ["grid_pointing_game", "grid_pointing_hit"], args.plot,
-                   f"Grid pointing game, {args.grids} 2x2 mosaics, EfficientNet-Lite0",
-                   chance=0.25)
-        print(f"wrote {args.plot}")
-    return 0
+    return _report(results, ["grid_pointing_game", "grid_pointing_hit"], args,
+                   f"Grid pointing game, {args.grids} 2x2 mosaics, EfficientNet-Lite0", 0.25)
 
 
 # --------------------------------------------------------------------------- pointing ----
@@ -441,15 +445,8 @@ def cmd_eval_pointing(args) -> int:
     print(f"pointing game ({args.tolerance:g} px) and energy pointing game: "
           f"{next(iter(results.values()))['n']} (image, class) pairs from {info['n_images']} "
           f"images, EfficientNet-Lite0, {dev}")
-    _print_table(results, ["pointing_game", "energy_pointing_game"], print)
-    if args.json:
-        _write_json(args.json, results)
-        print(f"wrote {args.json}")
-    if args.plot:
-        write_plot(results, ["pointing_game", "energy_pointing_game"], args.plot,
+    return _report(results, ["pointing_game", "energy_pointing_game"], args,
                    "Pointing game, EfficientNet-Lite0")
-        print(f"wrote {args.plot}")
-    return 0
 
 
 # ----------------------------------------------------------------------- registration ----

@@ -232,7 +232,7 @@ class TSGB:
             if tgt.numel() and int(tgt.max()) >= k:
                 raise IndexError(f"target must be class indices in [0, {k}), got {int(tgt.max())}")
             return tgt
-        return self.explain(x, select)[0]
+        return self._explain(x, select, None)[0]
 
     __call__ = attribute
 
@@ -246,6 +246,10 @@ class TSGB:
         ``(maps (N, T, H, W), targets (N, T), logits (N, classes))``, all from one forward.
         """
         _check_call(x)
+        return self._explain(x, select, amp_dtype)
+
+    def _explain(self, x, select, amp_dtype):
+        """``explain`` for an already validated ``x``."""
         backend = self._backend_for(x.device)
         self.last_backend = backend.name
         with _tf32_off(x.is_cuda and not self.allow_tf32):

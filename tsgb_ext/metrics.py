@@ -280,14 +280,9 @@ def _param_layers_in_forward_order(model: nn.Module, x: torch.Tensor) -> List[st
         n = names[mod]
         if n not in seen:
             seen.append(n)
-    mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hs = [m.register_forward_hook(hook) for m in mods]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in hs:
-            h.remove()
+    from .baselines import forward_with_hooks
+    forward_with_hooks(model, x[:1], [m for m in model.modules()
+                                       if isinstance(m, (nn.Conv2d, nn.Linear))], hook)
     return seen
 
 
