@@ -32,6 +32,7 @@ ROWS = {
     "hooks": "tsgb_ext backend='hooks' (pure PyTorch), model kept converted (with-block)",
     "hooks_compile": "backend='hooks' with the converted model under torch.compile (default mode)",
     "native": "tsgb_ext backend='native' (compiled ops), model kept converted (with-block)",
+    "native_unfused": "backend='native' with fuse=False (no conv -> BN -> ReLU fusion; A/B row)",
     "native_t5": "backend='native', 5 targets per image ((N, 5) target): one forward, 5 backwards",
     "native_percall": "backend='native', one un-converted call (conversion + restore included)",
 }
@@ -91,13 +92,13 @@ def make_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
         ex.__enter__()
         return wrap(lambda: ex.attribute(x, target)), lambda: ex.__exit__(None, None, None), note
 
-    if name in ("hooks", "native", "native_t5"):
+    if name in ("hooks", "native", "native_t5", "native_unfused"):
         backend = "hooks" if name == "hooks" else "native"
         tgt = target
         if name == "native_t5":
             classes = _num_classes(model)
             tgt = torch.stack([(target + 37 * j) % classes for j in range(5)], 1)
-        ex = tsgb_ext.TSGB(model, backend=backend)
+        ex = tsgb_ext.TSGB(model, backend=backend, fuse=name != "native_unfused")
         ex.__enter__()
         return wrap(lambda: ex.attribute(x, tgt)), lambda: ex.__exit__(None, None, None), note
 

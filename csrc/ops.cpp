@@ -35,6 +35,32 @@ at::Tensor conv2d_relu_forward(const at::Tensor& x, const at::Tensor& weight,
   return at::relu_(y);
 }
 
+// conv2d -> BatchNorm2d (eval) -> activation (0 none, 1 ReLU, 2 ReLU6) as one autograd node,
+// for the chains the model conversion finds in a traced graph (ResNet, MobileNet, ...). Returns
+// (output, conv output); the conv output is saved for the backward (conv2d_bn_backward folds
+// the BN and activation rules into the conv rule's channel reduction: the BN-rule gradient and
+// the activation gradient are never materialised). Outputs are bit-identical to running
+// torch's conv2d, batch_norm and relu/relu6 one after another.
+std::tuple<at::Tensor, at::Tensor> conv2d_bn_act_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const at::Tensor& running_mean, const at::Tensor& running_var,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    double bn_eps, int64_t act) {
+  TORCH_CHECK(act == kActNone || act == kActRelu || act == kActRelu6,
+              "tsgb_ext.conv2d_bn_act: act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got ", act);
+  at::Tensor y = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+  at::Tensor out = at::batch_norm(y, bn_weight, bn_bias, running_mean, running_var,
+                                  /*training=*/false, /*momentum=*/0.0, bn_eps,
+                                  at::globalContext().userEnabledCuDNN());
+  if (act == kActRelu) {
+    at::relu_(out);
+  } else if (act == kActRelu6) {
+    at::hardtanh_(out, 0.0, 6.0);
+  }
+  return {out, y};
+}
+
 at::Tensor batch_norm_forward(const at::Tensor& x, const at::Tensor& running_mean,
                               const at::Tensor& running_var,
                               const std::optional<at::Tensor>& weight,
@@ -84,6 +110,9 @@ TORCH_LIBRARY(tsgb_ext, m) {
         "int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_relu(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_bn_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, Tensor running_mean, Tensor running_var, "
+        "Tensor? bn_weight, Tensor? bn_bias, float bn_eps, int act) -> (Tensor, Tensor)");
   m.def("batch_norm(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
         "Tensor? bias, float eps) -> Tensor");
   m.def("avg_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
@@ -94,6 +123,12 @@ TORCH_LIBRARY(tsgb_ext, m) {
   // TSGB-Conv, group-aware. y is the conv output (bias included).
   m.def("conv2d_backward(Tensor grad, Tensor x, Tensor y, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, float eps) -> Tensor");
+  // The conv rule of a conv -> BN (eval) -> activation block, from the gradient at the block's
+  // output: the conv rule with g_conv * y = g * m(yb) * yb * y / (y + bn_eps), yb = y * scale +
+  // shift, m the activation's gradient mask (act 0 none, 1 ReLU, 2 ReLU6). y: conv output.
+  m.def("conv2d_bn_backward(Tensor grad, Tensor x, Tensor y, Tensor scale, Tensor shift, "
+        "float bn_eps, int act, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, float eps) -> Tensor");
   // BatchNorm: gx = g * y / (x + eps), with y = x * scale[c] + shift[c] recomputed in
   // registers (the eval-mode BN is that affine map), so y is never stored or re-read.
   m.def("batch_norm_backward(Tensor grad, Tensor x, Tensor scale, Tensor shift, float eps) "
@@ -111,6 +146,7 @@ TORCH_LIBRARY(tsgb_ext, m) {
 TORCH_LIBRARY_IMPL(tsgb_ext, CompositeExplicitAutograd, m) {
   m.impl("conv2d", &tsgb::conv2d_forward);
   m.impl("conv2d_relu", &tsgb::conv2d_relu_forward);
+  m.impl("conv2d_bn_act", &tsgb::conv2d_bn_act_forward);
   m.impl("batch_norm", &tsgb::batch_norm_forward);
   m.impl("avg_pool2d", &tsgb::avg_pool2d_forward);
   m.impl("linear", &tsgb::linear_forward);

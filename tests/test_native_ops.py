@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import reference as ref  # noqa: E402
+from tsgb_hooks import rules as tsgb_hooks_rules  # noqa: E402
 
 ops = torch.ops.tsgb_ext
 EPS = 1e-10
@@ -168,6 +169,95 @@ def _check_conv2d_backward(c, device, dtype):
     want = ref.conv_rule(g.cpu(), x.cpu(), y.cpu(), c["k"], c["s"], c["p"], c["d"], c["G"], EPS)
     assume_representable(want, dtype)
     check_close(out, want, dtype, f"conv2d_backward {c}")
+
+
+# ---- conv2d_bn_backward vs the unfused rules (activation gradient, BN rule, conv rule) -------
+HAS_CONV_BN = hasattr(ops, "conv2d_bn_act")  # the fused conv -> BN -> activation ops, when built
+ACT_MASK = {0: lambda yb: torch.ones_like(yb, dtype=torch.bool), 1: lambda yb: yb > 0,
+            2: lambda yb: (yb > 0) & (yb < 6)}
+
+
+def ref_conv_bn_rule(g, x, y, scale, shift, bn_eps, act, k, s, p, d, G):
+    """The three unfused rules in float64: activation gradient, BN rule, conv rule."""
+    y64 = y.double()
+    yb = y64 * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    ga = g.double() * ref._tile(ACT_MASK[act](yb), g.shape[0])
+    return ref.conv_rule(ga * ref._tile(yb, g.shape[0]) / (ref._tile(y64, g.shape[0]) + bn_eps),
+                         x, y, k, s, p, d, G, EPS)
+
+
+@pytest.mark.skipif(not HAS_CONV_BN, reason="built without the fused conv -> BN ops")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_bn_backward_matches_unfused_rules(device, dtype):
+    run_property(st.tuples(conv_configs(), st.sampled_from([0, 1, 2]),
+                           st.sampled_from([1e-5, 1e-3])), _check_conv2d_bn_backward, device, dtype)
+
+
+def _check_conv2d_bn_backward(c, device, dtype):
+    c, act, bn_eps = c
+    x, y, g = conv_case(c, dtype, device)
+    gen = gen_of(c["seed"] + 1)
+    K = c["K"]
+    scale = (torch.rand(K, generator=gen, dtype=torch.float64) * 3 + 0.2).to(device)
+    shift = (torch.randn(K, generator=gen, dtype=torch.float64) * 2).to(device)
+    if dtype != torch.float64:
+        scale, shift = scale.float(), shift.float()
+    out = ops.conv2d_bn_backward(layout(g, c["lg"]), layout(x, c["lx"]), layout(y, c["ly"]),
+                                 scale, shift, bn_eps, act, c["k"], c["s"], c["p"], c["d"],
+                                 c["G"], EPS)
+    want = ref_conv_bn_rule(g.cpu(), x.cpu(), y.cpu(), scale.cpu(), shift.cpu(), bn_eps, act,
+                            c["k"], c["s"], c["p"], c["d"], c["G"])
+    assume_representable(want, dtype)
+    check_close(out, want, dtype, f"conv2d_bn_backward act={act} {c}")
+
+
+@pytest.mark.skipif(not HAS_CONV_BN, reason="built without the fused conv -> BN ops")
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_bn_act_forward_and_autograd(device):
+    """Outputs bit-identical to conv2d, batch_norm, relu/relu6 one after another; the autograd
+    of its first output is the fused rule, equal to the unfused ops' autograd."""
+    gen = gen_of(5)
+    x = rand((2, 6, 11, 9), gen, torch.float64, device)
+    w, b = rand((8, 3, 3, 3), gen, torch.float64, device), rand((8,), gen, torch.float64, device)
+    rm, rv = rand((8,), gen, torch.float64, device), rand((8,), gen, torch.float64, device).abs() + 0.5
+    bw, bb = rand((8,), gen, torch.float64, device), rand((8,), gen, torch.float64, device)
+    acts = {0: lambda t: t, 1: F.relu, 2: F.relu6}
+    for act, fn in acts.items():
+        for cl in (False, True):
+            xx = (_cl(x) if cl else x).detach().requires_grad_(True)
+            out, y = ops.conv2d_bn_act(xx, w, b, [2, 1], [1, 1], [1, 2], 2, rm, rv, bw, bb, 1e-3, act)
+            yc = F.conv2d(xx, w, b, [2, 1], [1, 1], [1, 2], 2)
+            want = fn(F.batch_norm(yc, rm, rv, bw, bb, False, 0.0, 1e-3))
+            assert torch.equal(out, want) and torch.equal(y, yc)
+            assert out.stride() == want.stride() and not y.requires_grad
+            g = rand(tuple(out.shape), gen, torch.float64, device)
+            (gx,) = torch.autograd.grad(out, xx, g)
+            scale, shift = tsgb_hooks_rules.bn_scale_shift(rm, rv, bw, bb, 1e-3)
+            ref_gx = ref_conv_bn_rule(g.cpu(), x.cpu(), yc.detach().cpu(), scale.cpu(), shift.cpu(),
+                                      1e-3, act, [3, 3], [2, 1], [1, 1], [1, 2], 2)
+            check_close(gx, ref_gx, torch.float64, f"conv2d_bn_act autograd act={act} cl={cl}")
+    with pytest.raises(RuntimeError, match=r"conv2d_bn_act: act must be 0 \(none\), 1 \(ReLU\) or 2"):
+        ops.conv2d_bn_act(x, w, b, [1, 1], [1, 1], [1, 1], 2, rm, rv, bw, bb, 1e-3, 3)
+
+
+@pytest.mark.skipif(not HAS_CONV_BN, reason="built without the fused conv -> BN ops")
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_bn_backward_bad_input(device):
+    x, y, g, _ = _good_args(device)
+    s = torch.randn(4, device=device)
+
+    def call(scale=s, shift=s, act=1, G=1):
+        return ops.conv2d_bn_backward(g, x, y, scale, shift, 1e-5, act, [3, 3], [1, 1], [1, 1],
+                                      [1, 1], G, EPS)
+    for fn, pattern in [
+            (lambda: call(scale=s[:3]), r"conv2d_bn_backward: scale must have shape \(4,\)"),
+            (lambda: call(shift=s.view(2, 2)), r"conv2d_bn_backward: shift must have shape \(4,\)"),
+            (lambda: call(scale=s.long()), r"conv2d_bn_backward: scale and shift must be floating"),
+            (lambda: call(act=-1), r"conv2d_bn_backward: act must be 0 \(none\), 1 \(ReLU\) or 2"),
+            (lambda: call(G=2), r"conv2d_bn_backward: x's channels \(3\) must be divisible")]:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
 
 
 # ---- batch_norm_backward vs reference.bn_rule ----------------------------------------------
@@ -472,7 +562,14 @@ def _backward_samples(device, fmt):
                                            [2, 2], [1, 1], True, False, None, EPS)),
         (ops.linear_backward.default, (torch.randn(6, 5, device=device), torch.randn(2, 8, device=device).relu(),
                                        W.clamp(min=0), W.clamp(max=0), EPS)),
-    ]
+    ] + ([
+        (ops.conv2d_bn_backward.default, (g, x, y, torch.rand(6, device=device) + 0.5,
+                                          torch.randn(6, device=device), 1e-5, 1, [3, 3], [2, 2],
+                                          [1, 1], [1, 1], 2, EPS)),
+        (ops.conv2d_bn_backward.default, (g, x, y, torch.rand(6, device=device) + 0.5,
+                                          torch.randn(6, device=device), 1e-3, 2, [3, 3], [2, 2],
+                                          [1, 1], [1, 1], 2, EPS)),
+    ] if HAS_CONV_BN else [])
 
 
 def _opcheck(op, args, **kw):
@@ -511,6 +608,13 @@ def _forward_samples(device, fmt):
         "linear": (ops.linear.default, (leaf(torch.randn(3, 8, device=device).relu()),
                                         leaf(torch.randn(5, 8, device=device)), torch.randn(5, device=device))),
     }
+    if HAS_CONV_BN:
+        for act in (0, 1, 2):
+            out[f"conv2d_bn_act_{act}"] = (ops.conv2d_bn_act.default, (
+                x, leaf(torch.randn(6, 2, 3, 3, device=device)), leaf(torch.randn(6, device=device)),
+                [1, 2], [1, 1], [1, 1], 2, torch.randn(6, device=device),
+                torch.rand(6, device=device) + 0.5, leaf(torch.randn(6, device=device)),
+                torch.randn(6, device=device), 1e-5, act))
     if HAS_CONV_RELU:
         out["conv2d_relu"] = (ops.conv2d_relu.default, (x, leaf(torch.randn(6, 2, 3, 3, device=device)),
                                                         leaf(torch.randn(6, device=device)), [1, 2], [1, 1], [1, 1], 2))

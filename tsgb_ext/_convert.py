@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.fx as fx
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -118,12 +119,153 @@ def _overrides(module: nn.Module, base: type, *names: str) -> bool:
     return any(getattr(t, n) is not getattr(base, n) for n in names)
 
 
+# ---- conv -> BN -> activation fusion (traced graph) ------------------------------------------
+_ACT_MODULES = {nn.ReLU: 1, nn.ReLU6: 2}
+_ACT_FUNCS = {F.relu: 1, torch.relu: 1, torch.relu_: 1, F.relu_: 1, F.relu6: 2}
+_ACT_FALLBACK = {1: F.relu, 2: F.relu6}
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx tracer that keeps every module the conversion patches as a call_module node
+    (so its patched forward, and a Conv2d subclass's own forward, run when the graph runs)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Linear))
+                or super().is_leaf_module(m, qualname))
+
+
+class _FusedBlock(nn.Module):
+    """A conv -> BatchNorm2d (-> ReLU / ReLU6) chain of the traced graph as one call: the native
+    backend's conv2d_bn_act op (one autograd node whose backward folds the BN and activation
+    rules into the conv rule), or, for a backend without it, the three modules one by one."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: int, act_fn: Optional[Callable],
+                 plan: "_FusionPlan"):
+        super().__init__()
+        # plain attributes, not submodules: the model owns these modules
+        self.__dict__.update(conv_=conv, bn_=bn, act_fn=act_fn, plan=plan)
+        self.act = act
+
+    def forward(self, x):
+        conv, bn = self.conv_, self.bn_
+        backend = self.plan.conversion.backend
+        fused = getattr(backend, "conv2d_bn_act", None)
+        if fused is None:
+            y = bn(conv(x))
+            return self.act_fn(y) if self.act_fn is not None else y
+        x, padding = _conv_args(x, conv.weight, conv.padding, conv.dilation)
+        return fused(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups,
+                     bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, self.act)
+
+
+class _FusionPlan:
+    """The model's traced graph with its conv -> BN (-> activation) chains fused, and the
+    fingerprint of the module tree it was traced from."""
+
+    def __init__(self, fingerprint, graph_module: Optional[fx.GraphModule], chains: int):
+        self.fingerprint = fingerprint
+        self.graph_module = graph_module
+        self.chains = chains
+        self.conversion: Optional["Conversion"] = None
+
+
+def _has_hooks(modules) -> bool:
+    from torch.nn.modules import module as _m
+    if any(getattr(_m, n, None) for n in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                          "_global_backward_hooks",
+                                          "_global_backward_pre_hooks")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks for m in modules)
+
+
+def _fingerprint(model: nn.Module):
+    return tuple((id(m), type(m), m.__dict__.get("forward"), getattr(m, "padding_mode", None),
+                  getattr(m, "running_mean", 0) is None) for m in model.modules())
+
+
+def _act_of(node: fx.Node, src: fx.Node, modules: Dict[str, nn.Module]):
+    """(kind, fallback callable) when ``node`` is a ReLU/ReLU6 applied to ``src`` only."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        kind = _ACT_MODULES.get(type(m))
+        if kind and node.args == (src,) and not node.kwargs:
+            return kind, m
+    elif node.op == "call_function" and node.target in _ACT_FUNCS:
+        args, kwargs = node.args, node.kwargs
+        if (args and args[0] is src and all(isinstance(a, bool) for a in args[1:])
+                and set(kwargs) <= {"inplace"}):
+            kind = _ACT_FUNCS[node.target]
+            return kind, _ACT_FALLBACK[kind]
+    return 0, None
+
+
+def _build_plan(model: nn.Module, fingerprint) -> _FusionPlan:
+    """Trace the model (torch.fx) and fuse its conv -> BN (-> ReLU/ReLU6) chains where the
+    conv's output goes only to the BN (and the BN's only to the activation). No plan (the
+    per-module conversion alone) when the model cannot be traced, has hooks (a traced graph
+    would run them differently) or has no such chain."""
+    modules = list(model.modules())
+    none = _FusionPlan(fingerprint, None, 0)
+    if "forward" in model.__dict__ or _has_hooks(modules):
+        return none
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _Tracer().trace(model)
+    except Exception:  # untraceable (data-dependent control flow, ...): no fusion
+        return none
+    named = dict(model.named_modules())
+    chains = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = named.get(node.target)
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or len(node.users) != 1:
+            continue
+        (bn_node,) = node.users
+        if bn_node.op != "call_module" or bn_node.args != (node,) or bn_node.kwargs:
+            continue
+        bn = named.get(bn_node.target)
+        if (type(bn) is not nn.BatchNorm2d or bn.running_mean is None or bn.running_var is None
+                or bn.num_features != conv.out_channels):
+            continue
+        act, act_fn, act_node = 0, None, None
+        if len(bn_node.users) == 1:
+            (user,) = bn_node.users
+            act, act_fn = _act_of(user, bn_node, named)
+            act_node = user if act else None
+        chains.append((node, bn_node, act_node, conv, bn, act, act_fn))
+    if not chains:
+        return none
+    plan = _FusionPlan(fingerprint, None, len(chains))
+    gm = fx.GraphModule(model, graph)
+    for i, (conv_node, bn_node, act_node, conv, bn, act, act_fn) in enumerate(chains):
+        name = f"_tsgb_fused_{i}"
+        gm.add_submodule(name, _FusedBlock(conv, bn, act, act_fn, plan))
+        with gm.graph.inserting_before(conv_node):
+            new = gm.graph.call_module(name, args=conv_node.args)
+        last = act_node if act_node is not None else bn_node
+        last.replace_all_uses_with(new)
+        for n in (act_node, bn_node, conv_node):
+            if n is not None:
+                gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
+    plan.graph_module = gm
+    return plan
+
+
 class Conversion:
     """Context manager: the model converted for TSGB inside, exactly restored on exit."""
 
     def __init__(self, model: nn.Module, backend, classifier: Optional[nn.Module],
-                 names: Dict[nn.Module, str]):
+                 names: Dict[nn.Module, str], fusion_cache: Optional[dict] = None):
         self.model = model
+        # conv -> BN -> activation fusion through a traced graph; None: off. The dict caches
+        # the plan between conversions of the same module tree (key "plan").
+        self.fusion_cache = fusion_cache
+        self.plan: Optional[_FusionPlan] = None
         self.backend = backend
         self.classifier = classifier
         self.names = names
@@ -294,6 +436,7 @@ class Conversion:
                 m.inplace = False
                 self._undo.append(lambda m=m: setattr(m, "inplace", True))
 
+        self._apply_fusion_plan(modules)
         fused = self._fusable_pairs(modules)
         fused_relus = set(id(r) for r in fused.values())
         for m in modules:
@@ -315,6 +458,21 @@ class Conversion:
                     self._patch_deferred(m)
         if self.classifier is not None and not isinstance(self.classifier, nn.Linear):
             raise TypeError("classifier must be an nn.Linear")
+
+    def _apply_fusion_plan(self, modules) -> None:
+        if self.fusion_cache is None:
+            return
+        fp = _fingerprint(self.model)
+        plan = self.fusion_cache.get("plan")
+        if plan is None or plan.fingerprint != fp:
+            plan = _build_plan(self.model, fp)
+            self.fusion_cache["plan"] = plan
+        if plan.graph_module is None:
+            return
+        plan.conversion = self
+        self.plan = plan
+        self._undo.append(lambda: setattr(plan, "conversion", None))
+        self._set_forward(self.model, plan.graph_module.forward)
 
     def begin_forward(self) -> None:
         self.state.executed.clear()

@@ -38,6 +38,14 @@ def _(x, weight, bias, stride, padding, dilation, groups):
     return torch.ops.aten.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+@torch.library.register_fake(_lib + "conv2d_bn_act")
+def _(x, weight, bias, stride, padding, dilation, groups, running_mean, running_var, bn_weight,
+      bn_bias, bn_eps, act):
+    y = torch.ops.aten.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    out = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_suggest_format(y))
+    return out, y
+
+
 @torch.library.register_fake(_lib + "batch_norm")
 def _(x, running_mean, running_var, weight, bias, eps):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device,
@@ -62,6 +70,11 @@ def _grad_like_x(grad, x):
 
 @torch.library.register_fake(_lib + "conv2d_backward")
 def _(grad, x, y, kernel_size, stride, padding, dilation, groups, eps):
+    return _grad_like_x(grad, x)
+
+
+@torch.library.register_fake(_lib + "conv2d_bn_backward")
+def _(grad, x, y, scale, shift, bn_eps, act, kernel_size, stride, padding, dilation, groups, eps):
     return _grad_like_x(grad, x)
 
 
@@ -96,6 +109,32 @@ def _conv_backward(ctx, grad):
 torch.library.register_autograd(_lib + "conv2d", _conv_backward, setup_context=_conv_setup)
 # conv + ReLU: the conv rule on (grad at the ReLU output, ReLU output); see csrc/ops.cpp.
 torch.library.register_autograd(_lib + "conv2d_relu", _conv_backward, setup_context=_conv_setup)
+
+
+def _conv_bn_setup(ctx, inputs, output):
+    x, weight, _bias, stride, padding, dilation, groups, rm, rv, bw, bb, bn_eps, act = inputs
+    _out, y = output
+    scale, shift = _rules.bn_scale_shift(rm, rv, bw, bb, bn_eps)
+    ctx.save_for_backward(x, y, scale, shift)  # not the block's output (often changed in place)
+    ctx.geom = (list(weight.shape[2:]), list(stride), list(padding), list(dilation), int(groups))
+    ctx.bn = (float(bn_eps), int(act))
+    ctx.mark_non_differentiable(y)
+    ctx.set_materialize_grads(False)
+
+
+def _conv_bn_backward(ctx, grad, _grad_y):
+    x, y, scale, shift = ctx.saved_tensors
+    bn_eps, act = ctx.bn
+    if grad is None:
+        return (None,) * 13
+    gx = ops.conv2d_bn_backward(grad, x, y, scale, shift, bn_eps, act, *ctx.geom, EPS)
+    return (gx,) + (None,) * 12
+
+
+# conv -> BN -> activation as one node: the conv rule with the BN rule and the activation's
+# gradient folded into its channel reduction (csrc/ops.cpp).
+torch.library.register_autograd(_lib + "conv2d_bn_act", _conv_bn_backward,
+                                setup_context=_conv_bn_setup)
 
 
 def _bn_setup(ctx, inputs, output):
@@ -223,6 +262,16 @@ class NativeBackend:
         x, weight, bias = _autocast(x, weight, bias)
         return ops.conv2d_relu(x, weight, bias, list(stride), list(padding), list(dilation),
                                int(groups))
+
+    @staticmethod
+    def conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, running_mean,
+                      running_var, bn_weight, bn_bias, bn_eps, act):
+        """conv -> eval BatchNorm -> activation (0 none, 1 ReLU, 2 ReLU6), one autograd node."""
+        x, weight, bias = _autocast(x, weight, bias)
+        out, _y = ops.conv2d_bn_act(x, weight, bias, list(stride), list(padding), list(dilation),
+                                    int(groups), running_mean, running_var, bn_weight, bn_bias,
+                                    float(bn_eps), int(act))
+        return out
 
     @staticmethod
     def batch_norm(x, running_mean, running_var, weight, bias, eps):

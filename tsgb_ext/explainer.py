@@ -134,10 +134,17 @@ class TSGB:
             the rules divide by activations, which amplifies TF32's 10-bit mantissa (measured:
             maps 176% off the float64 ones with TF32, 4.5% without, random-weight mosaic).
             bf16/fp16 autocast is unaffected by this flag.
+        fuse: trace the model with torch.fx and run each conv -> BatchNorm2d (-> ReLU/ReLU6)
+            chain as one native op whose backward folds the BN and activation rules into the
+            conv rule (same maps, several passes over activation memory fewer). The traced
+            graph is cached per module tree; models that cannot be traced, have hooks, or run
+            with the hooks backend use the per-module conversion. Turn off for a model whose
+            forward depends on Python state that changes between calls.
     """
 
     def __init__(self, model: nn.Module, backend: str = "auto",
-                 classifier: Union[None, str, nn.Linear] = None, allow_tf32: bool = False):
+                 classifier: Union[None, str, nn.Linear] = None, allow_tf32: bool = False,
+                 fuse: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if backend not in _BACKENDS:
@@ -152,6 +159,10 @@ class TSGB:
         self._conversion: Optional[Conversion] = None
         self.last_backend: Optional[str] = None
         self.allow_tf32 = bool(allow_tf32)
+        if not isinstance(fuse, bool):
+            raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
+        self.fuse = fuse
+        self._fusion_cache: Optional[dict] = {} if fuse else None
 
     def _resolve_classifier(self, classifier) -> Optional[nn.Linear]:
         if classifier is None:
@@ -196,8 +207,9 @@ class TSGB:
     def __enter__(self) -> "TSGB":
         if self._conversion is not None:
             raise RuntimeError("this TSGB explainer is already active in a with-block")
+        fusion = self._fusion_cache if self.backend != "hooks" else None
         self._conversion = Conversion(self.model, tsgb_hooks.BACKEND, self.classifier,
-                                      self._names).__enter__()
+                                      self._names, fusion).__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -255,7 +267,8 @@ class TSGB:
         with _tf32_off(x.is_cuda and not self.allow_tf32):
             if self._conversion is not None:
                 return self._run(self._conversion, backend, x, select, amp_dtype)
-            with Conversion(self.model, backend, self.classifier, self._names) as conv:
+            fusion = self._fusion_cache if getattr(backend, "conv2d_bn_act", None) else None
+            with Conversion(self.model, backend, self.classifier, self._names, fusion) as conv:
                 return self._run(conv, backend, x, select, amp_dtype)
 
     def _run(self, conv: Conversion, backend, x, select, amp_dtype):

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -89,5 +90,66 @@ inline int64_t pool_out_size(int64_t in, int64_t k, int64_t s, int64_t p, bool c
 
 // Ceiling division for a >= 0, b > 0.
 inline int64_t ceil_div_nonneg(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace tsgb
+
+namespace tsgb {
+
+// Activations a fused conv -> BatchNorm (eval) block may end with (conv2d_bn_act).
+enum BnAct : int64_t { kActNone = 0, kActRelu = 1, kActRelu6 = 2 };
+
+// Per-channel parameters of the BatchNorm (and activation) folded into the conv rule.
+template <typename acc_t>
+struct BnFold {
+  const acc_t* scale;  // (K,) eval BN as an affine map: yb = y * scale[k] + shift[k]
+  const acc_t* shift;
+  acc_t bn_eps;        // the BN module's own eps
+  int64_t act;         // BnAct
+};
+
+// The conv rule's product g_conv * y for a conv -> BN -> activation block, from the gradient
+// g at the block's output (shared/TSGB_SPEC.md, relevance view). The BN rule sends
+// g_bn * yb / (y + bn_eps) to the conv output y, and the activation's ordinary gradient is
+// g_bn = g * m(yb), m = 1 (none), 1[yb > 0] (ReLU), 1[0 < yb < 6] (ReLU6), so
+//   g_conv * y = g * f,   f = m(yb) * yb * y / (y + bn_eps),   yb = y * scale + shift.
+// The mask selects yb before the division (a select of values, so CPU loops vectorise); the
+// result is what the unfused rules give, also where y + bn_eps == 0.
+template <int64_t ACT, typename acc_t>
+C10_HOST_DEVICE inline acc_t bn_act_factor_t(acc_t y, acc_t scale, acc_t shift, acc_t bn_eps) {
+  acc_t yb = y * scale + shift;
+  if constexpr (ACT == kActRelu) {
+    yb = yb > acc_t(0) ? yb : acc_t(0);
+  } else if constexpr (ACT == kActRelu6) {
+    yb = (yb > acc_t(0)) & (yb < acc_t(6)) ? yb : acc_t(0);
+  }
+  return yb * y / (y + bn_eps);
+}
+
+// The same with the activation chosen at run time.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t bn_act_factor(acc_t y, acc_t scale, acc_t shift, acc_t bn_eps,
+                                           int64_t act) {
+  return act == kActRelu    ? bn_act_factor_t<kActRelu>(y, scale, shift, bn_eps)
+         : act == kActRelu6 ? bn_act_factor_t<kActRelu6>(y, scale, shift, bn_eps)
+                            : bn_act_factor_t<kActNone>(y, scale, shift, bn_eps);
+}
+
+// Checks of the BN-fold arguments of conv2d_bn_backward against y's channel count K.
+inline void check_bn_fold(const char* op, const at::Tensor& y, const at::Tensor& scale,
+                          const at::Tensor& shift, int64_t act) {
+  const int64_t K = y.size(1);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == K, op, ": scale must have shape (", K,
+              ",) (y's channels), got ", scale.sizes());
+  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == K, op, ": shift must have shape (", K,
+              ",) (y's channels), got ", shift.sizes());
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()) && at::isFloatingType(shift.scalar_type()),
+              op, ": scale and shift must be floating tensors, got ", scale.scalar_type(), " and ",
+              shift.scalar_type());
+  TORCH_CHECK(scale.device() == y.device() && shift.device() == y.device(), op,
+              ": scale and shift must be on ", y.device(), " like x, got ", scale.device(),
+              " and ", shift.device());
+  TORCH_CHECK(act == kActNone || act == kActRelu || act == kActRelu6, op,
+              ": act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got ", act);
+}
 
 }  // namespace tsgb

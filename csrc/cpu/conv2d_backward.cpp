@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/tsgb_common.h"
@@ -30,7 +31,6 @@
 namespace tsgb {
 namespace {
 
-constexpr const char* kOp = "tsgb_ext.conv2d_backward";
 constexpr int64_t kGrainElems = 16384;  // minimum elements of work per parallel task
 constexpr int64_t kChunk = 2048;        // contiguous pixels per task in the NCHW passes
 
@@ -52,6 +52,16 @@ inline void add_span(acc_t* __restrict__ dst, const acc_t* __restrict__ src, int
 template <typename acc_t, typename src_t>
 inline void add_abs_span(acc_t* __restrict__ dst, const src_t* __restrict__ src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] += std::abs(static_cast<acc_t>(src[j]));
+}
+
+// s += g * bn_act_factor(y) over a span of one channel (scale/shift of that channel).
+template <int64_t ACT, typename acc_t, typename scalar_t>
+inline void add_folded_span(acc_t* __restrict__ s, const scalar_t* __restrict__ g,
+                            const scalar_t* __restrict__ y, int64_t n, acc_t sc, acc_t sh,
+                            acc_t be) {
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] += static_cast<acc_t>(g[j]) * bn_act_factor_t<ACT>(static_cast<acc_t>(y[j]), sc, sh, be);
+  }
 }
 
 // d[p,oh,ow,:] = sum over taps (kh,kw) of |a[p, oh*sh-ph+kh*dh, ow*sw-pw+kw*dw, :] (in range).
@@ -117,10 +127,13 @@ inline void box_sum_transposed_row(const acc_t* r_plane, acc_t* trow, int64_t h,
   }
 }
 
+// bn: nullptr for the plain conv rule (products g * y); else the BN + activation folded in
+// (products g * bn_act_factor(y, ...), conv2d_bn_backward).
 template <typename scalar_t>
 void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                             at::Tensor& gx, const Window2d& win, int64_t G, double eps_d,
-                            bool channels_last) {
+                            bool channels_last,
+                            const BnFold<at::opmath_type<scalar_t>>* bn) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = grad.size(0), N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t K = y.size(1), Ho = y.size(2), Wo = y.size(3);
@@ -201,8 +214,20 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
         const scalar_t* gseg = gp + (b * K + g * Kg) * HoWo + o0;
         const scalar_t* yseg = yp + (n * K + g * Kg) * HoWo + o0;
         for (int64_t k = 0; k < Kg; ++k, gseg += HoWo, yseg += HoWo) {
-          for (int64_t o = 0; o < len; ++o) {
-            sseg[o] += static_cast<acc_t>(gseg[o]) * static_cast<acc_t>(yseg[o]);
+          if (bn == nullptr) {
+            for (int64_t o = 0; o < len; ++o) {
+              sseg[o] += static_cast<acc_t>(gseg[o]) * static_cast<acc_t>(yseg[o]);
+            }
+          } else {
+            const int64_t kk = g * Kg + k;
+            const acc_t sc = bn->scale[kk], sh = bn->shift[kk], be = bn->bn_eps;
+            if (bn->act == kActRelu) {
+              add_folded_span<kActRelu>(sseg, gseg, yseg, len, sc, sh, be);
+            } else if (bn->act == kActRelu6) {
+              add_folded_span<kActRelu6>(sseg, gseg, yseg, len, sc, sh, be);
+            } else {
+              add_folded_span<kActNone>(sseg, gseg, yseg, len, sc, sh, be);
+            }
           }
         }
         const acc_t* dseg = d + (n * G + g) * HoWo + o0;
@@ -218,7 +243,14 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
         const scalar_t* ypix = yp + (n * HoWo + po) * K;
         const acc_t* dpix = d + (n * HoWo + po) * G;
         acc_t* rpix = r + pix * G;
-        if (Kg == 1) {  // one output channel per group: a contiguous vector loop
+        // product of channel k: g * y, or g * (BN + activation factor of y)
+        auto prod = [&](int64_t k) -> acc_t {
+          const acc_t yv = static_cast<acc_t>(ypix[k]);
+          return static_cast<acc_t>(gpix[k]) *
+                 (bn == nullptr ? yv
+                                : bn_act_factor(yv, bn->scale[k], bn->shift[k], bn->bn_eps, bn->act));
+        };
+        if (Kg == 1 && bn == nullptr) {  // one output channel per group: a contiguous vector loop
           for (int64_t g = 0; g < G; ++g) {
             rpix[g] = static_cast<acc_t>(gpix[g]) * static_cast<acc_t>(ypix[g]) / (dpix[g] + eps);
           }
@@ -226,9 +258,13 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
         }
         for (int64_t g = 0; g < G; ++g) {
           acc_t s = 0;
-          const scalar_t* gk = gpix + g * Kg;
-          const scalar_t* yk = ypix + g * Kg;
-          for (int64_t k = 0; k < Kg; ++k) s += static_cast<acc_t>(gk[k]) * static_cast<acc_t>(yk[k]);
+          if (bn == nullptr) {
+            const scalar_t* gk = gpix + g * Kg;
+            const scalar_t* yk = ypix + g * Kg;
+            for (int64_t k = 0; k < Kg; ++k) s += static_cast<acc_t>(gk[k]) * static_cast<acc_t>(yk[k]);
+          } else {
+            for (int64_t k = g * Kg; k < (g + 1) * Kg; ++k) s += prod(k);
+          }
           rpix[g] = s / (dpix[g] + eps);
         }
       }
@@ -309,7 +345,8 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
 // double).
 at::Tensor depthwise_backward_aten(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                    const Window2d& win, int64_t G, double eps,
-                                   at::MemoryFormat fmt) {
+                                   at::MemoryFormat fmt, const at::Tensor& scale,
+                                   const at::Tensor& shift, double bn_eps, int64_t act) {
   const int64_t B = grad.size(0), N = x.size(0), H = x.size(2), W = x.size(3);
   const int64_t K = y.size(1), Ho = y.size(2), Wo = y.size(3), Kg = K / G, T = B / N;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -317,7 +354,14 @@ at::Tensor depthwise_backward_aten(const at::Tensor& grad, const at::Tensor& x, 
   const at::Tensor ones = at::ones({G, 1, win.kh, win.kw}, xa.options());
   const std::vector<int64_t> st{win.sh, win.sw}, pd{win.ph, win.pw}, dl{win.dh, win.dw};
   at::Tensor d = at::conv2d(xa.abs(), ones, {}, st, pd, dl, G);  // (N, G, Ho, Wo)
-  at::Tensor gy = grad.to(acc) * (T == 1 ? y.to(acc) : y.to(acc).repeat({T, 1, 1, 1}));
+  at::Tensor ya = y.to(acc);
+  if (scale.defined()) {  // BN + activation folded in: g * m(yb) * yb * y / (y + bn_eps)
+    at::Tensor yb = ya * scale.to(acc).view({1, K, 1, 1}) + shift.to(acc).view({1, K, 1, 1});
+    if (act == kActRelu) yb = at::where(yb > 0, yb, at::zeros({}, yb.options()));
+    if (act == kActRelu6) yb = at::where((yb > 0).logical_and_(yb < 6), yb, at::zeros({}, yb.options()));
+    ya = yb.mul_(ya).div_(ya + bn_eps);  // bn_act_factor_t, elementwise
+  }
+  at::Tensor gy = grad.to(acc) * (T == 1 ? ya : ya.repeat({T, 1, 1, 1}));
   at::Tensor s = Kg == 1 ? gy : gy.reshape({B, G, Kg, Ho, Wo}).sum(2);
   at::Tensor r = s.div_(T == 1 ? d.add_(eps) : d.add_(eps).repeat({T, 1, 1, 1}));
   // transposed box sum back to (H, W): the output padding makes the sizes exact
@@ -328,10 +372,12 @@ at::Tensor depthwise_backward_aten(const at::Tensor& grad, const at::Tensor& x, 
   return sx.mul_(t).to(x.scalar_type()).contiguous(fmt);
 }
 
-at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
-                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                               double eps) {
+// Shared by conv2d_backward and conv2d_bn_backward (scale defined: BN + activation folded in).
+at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tensor& x,
+                         const at::Tensor& y, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                         double eps, const at::Tensor& scale, const at::Tensor& shift,
+                         double bn_eps, int64_t act) {
   check_4d(kOp, "grad", grad);
   check_4d(kOp, "x", x);
   check_4d(kOp, "y", y);
@@ -339,6 +385,7 @@ at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, cons
   check_same_device_dtype(kOp, "grad", grad, x);
   check_same_device_dtype(kOp, "y", y, x);
   TORCH_CHECK(x.device().is_cpu(), kOp, ": CPU kernel called with x on ", x.device());
+  if (scale.defined()) check_bn_fold(kOp, y, scale, shift, act);
   const Window2d win = make_window(kOp, kernel_size, stride, padding, dilation);
   TORCH_CHECK(groups > 0, kOp, ": groups must be positive, got ", groups);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -365,7 +412,7 @@ at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, cons
 
   if (groups > 1 && C == groups) {
     return depthwise_backward_aten(grad.contiguous(fmt), x.contiguous(fmt), y.contiguous(fmt),
-                                   win, groups, eps, fmt);
+                                   win, groups, eps, fmt, scale, shift, bn_eps, act);
   }
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor yc = y.contiguous(fmt);
@@ -373,9 +420,36 @@ at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, cons
   at::Tensor gx = at::empty({B, C, H, W}, x.options().memory_format(fmt));
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsgb_conv2d_backward_cpu", [&] {
-    conv2d_backward_kernel<scalar_t>(gc, xc, yc, gx, win, groups, eps, cl);
+    using acc_t = at::opmath_type<scalar_t>;
+    if (!scale.defined()) {
+      conv2d_backward_kernel<scalar_t>(gc, xc, yc, gx, win, groups, eps, cl, nullptr);
+      return;
+    }
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor sc = scale.to(acc_type).contiguous();
+    const at::Tensor sh = shift.to(acc_type).contiguous();
+    const BnFold<acc_t> fold{sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(),
+                             static_cast<acc_t>(bn_eps), act};
+    conv2d_backward_kernel<scalar_t>(gc, xc, yc, gx, win, groups, eps, cl, &fold);
   });
   return gx;
+}
+
+at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               double eps) {
+  return conv_rule_cpu("tsgb_ext.conv2d_backward", grad, x, y, kernel_size, stride, padding,
+                       dilation, groups, eps, at::Tensor(), at::Tensor(), 0.0, kActNone);
+}
+
+at::Tensor conv2d_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                                  const at::Tensor& scale, const at::Tensor& shift, double bn_eps,
+                                  int64_t act, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups, double eps) {
+  return conv_rule_cpu("tsgb_ext.conv2d_bn_backward", grad, x, y, kernel_size, stride, padding,
+                       dilation, groups, eps, scale, shift, bn_eps, act);
 }
 
 }  // namespace
@@ -383,4 +457,5 @@ at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, cons
 
 TORCH_LIBRARY_IMPL(tsgb_ext, CPU, m) {
   m.impl("conv2d_backward", &tsgb::conv2d_backward_cpu);
+  m.impl("conv2d_bn_backward", &tsgb::conv2d_bn_backward_cpu);
 }

@@ -45,7 +45,7 @@ template <typename scalar_t, typename acc_t, typename index_t, bool PROD>
 __global__ void group_reduce_nchw_kernel(const scalar_t* __restrict__ a,
                                          const scalar_t* __restrict__ m, acc_t* __restrict__ out,
                                          index_t Bo, index_t Nm, index_t Cch, index_t G,
-                                         index_t P) {
+                                         index_t P, BnFold<acc_t> bn) {
   __shared__ acc_t sm[kThreads];
   const int TX = blockDim.x, TY = blockDim.y;
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -63,8 +63,17 @@ __global__ void group_reduce_nchw_kernel(const scalar_t* __restrict__ a,
       const scalar_t* ap = a + (b * Cch + g * cpg) * P + p;
       if constexpr (PROD) {
         const scalar_t* mp = m + ((b % Nm) * Cch + g * cpg) * P + p;
-        for (index_t j = ty; j < cpg; j += TY) {
-          acc += static_cast<acc_t>(ap[j * P]) * static_cast<acc_t>(mp[j * P]);
+        if (bn.scale == nullptr) {
+          for (index_t j = ty; j < cpg; j += TY) {
+            acc += static_cast<acc_t>(ap[j * P]) * static_cast<acc_t>(mp[j * P]);
+          }
+        } else {  // BN + activation folded in (conv2d_bn_backward)
+          for (index_t j = ty; j < cpg; j += TY) {
+            const index_t k = g * cpg + j;
+            acc += static_cast<acc_t>(ap[j * P]) *
+                   bn_act_factor(static_cast<acc_t>(mp[j * P]), bn.scale[k], bn.shift[k],
+                                 bn.bn_eps, bn.act);
+          }
         }
       } else {
         for (index_t j = ty; j < cpg; j += TY) {
@@ -91,7 +100,7 @@ template <typename scalar_t, typename acc_t, typename index_t, bool PROD>
 __global__ void group_reduce_cl_kernel(const scalar_t* __restrict__ a,
                                        const scalar_t* __restrict__ m, acc_t* __restrict__ out,
                                        index_t Bo, index_t Nm, index_t Cch, index_t G,
-                                       index_t P) {
+                                       index_t P, BnFold<acc_t> bn) {
   const int TX = blockDim.x, TY = blockDim.y;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const index_t cpg = Cch / G;
@@ -109,8 +118,17 @@ __global__ void group_reduce_cl_kernel(const scalar_t* __restrict__ a,
         const index_t b = bp / P;
         const index_t mrow = bp - (b - b % Nm) * P;  // (b % Nm) * P + p
         const scalar_t* mp = m + mrow * Cch + g * cpg;
-        for (index_t j = tx; j < cpg; j += TX) {
-          acc += static_cast<acc_t>(ap[j]) * static_cast<acc_t>(mp[j]);
+        if (bn.scale == nullptr) {
+          for (index_t j = tx; j < cpg; j += TX) {
+            acc += static_cast<acc_t>(ap[j]) * static_cast<acc_t>(mp[j]);
+          }
+        } else {  // BN + activation folded in (conv2d_bn_backward)
+          for (index_t j = tx; j < cpg; j += TX) {
+            const index_t k = g * cpg + j;
+            acc += static_cast<acc_t>(ap[j]) *
+                   bn_act_factor(static_cast<acc_t>(mp[j]), bn.scale[k], bn.shift[k], bn.bn_eps,
+                                 bn.act);
+          }
         }
       } else {
         for (index_t j = tx; j < cpg; j += TX) {
@@ -318,18 +336,19 @@ inline dim3 cl_block(int64_t lanes_wanted) {
 
 template <typename scalar_t, typename acc_t, typename index_t, bool PROD>
 void launch_group_reduce(bool cl, const scalar_t* a, const scalar_t* m, acc_t* out, int64_t Bo,
-                         int64_t Nm, int64_t Cch, int64_t G, int64_t P, cudaStream_t stream) {
+                         int64_t Nm, int64_t Cch, int64_t G, int64_t P, const BnFold<acc_t>& bn,
+                         cudaStream_t stream) {
   const int64_t cpg = Cch / G;
   if (cl) {
     const dim3 block = cl_block(cpg);
     const unsigned int grid = cuda_detail::grid_for(Bo * P * G, block.y);
     group_reduce_cl_kernel<scalar_t, acc_t, index_t, PROD>
-        <<<grid, block, 0, stream>>>(a, m, out, Bo, Nm, Cch, G, P);
+        <<<grid, block, 0, stream>>>(a, m, out, Bo, Nm, Cch, G, P, bn);
   } else {
     const dim3 block = nchw_block(cpg, P);
     const unsigned int grid = cuda_detail::grid_for(Bo * G * ((P + block.x - 1) / block.x), 1);
     group_reduce_nchw_kernel<scalar_t, acc_t, index_t, PROD>
-        <<<grid, block, 0, stream>>>(a, m, out, Bo, Nm, Cch, G, P);
+        <<<grid, block, 0, stream>>>(a, m, out, Bo, Nm, Cch, G, P, bn);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -340,7 +359,9 @@ template <typename scalar_t, typename index_t>
 void run_conv2d_backward(bool cl, const at::Tensor& grad, const at::Tensor& x,
                          const at::Tensor& y, at::Tensor& gx, int64_t B, int64_t N, int64_t C,
                          int64_t K, int64_t G, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                         const Geom& geom, double eps, cudaStream_t stream) {
+                         const Geom& geom, double eps, const at::Tensor& scale,
+                         const at::Tensor& shift, double bn_eps, int64_t act,
+                         cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor s = at::empty({B * G * Ho * Wo}, acc_opts);  // becomes r
@@ -349,11 +370,16 @@ void run_conv2d_backward(bool cl, const at::Tensor& grad, const at::Tensor& x,
   acc_t* a_ptr = a.mutable_data_ptr<acc_t>();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
 
+  // scale / shift arrive as contiguous acc_t tensors (or undefined: the plain conv rule)
+  const BnFold<acc_t> fold{scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr,
+                           shift.defined() ? shift.const_data_ptr<acc_t>() : nullptr,
+                           static_cast<acc_t>(bn_eps), act};
+  const BnFold<acc_t> none{nullptr, nullptr, acc_t(0), kActNone};
   launch_group_reduce<scalar_t, acc_t, index_t, true>(cl, grad.const_data_ptr<scalar_t>(),
                                                       y.const_data_ptr<scalar_t>(), s_ptr, B, N,
-                                                      K, G, Ho * Wo, stream);
+                                                      K, G, Ho * Wo, fold, stream);
   launch_group_reduce<scalar_t, acc_t, index_t, false>(cl, x_ptr, nullptr, a_ptr, N, 1, C, G,
-                                                       H * W, stream);
+                                                       H * W, none, stream);
   {
     const unsigned int grid = cuda_detail::grid_for(B * G * Ho * Wo, kThreads);
     if (cl) {
@@ -382,11 +408,13 @@ void run_conv2d_backward(bool cl, const at::Tensor& grad, const at::Tensor& x,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor conv2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                const at::Tensor& y_in, at::IntArrayRef kernel_size,
-                                at::IntArrayRef stride, at::IntArrayRef padding,
-                                at::IntArrayRef dilation, int64_t groups, double eps) {
-  constexpr const char* op = "tsgb_ext.conv2d_backward";
+// Shared by conv2d_backward and conv2d_bn_backward (scale defined: BN + activation folded in).
+at::Tensor conv_rule_cuda(const char* op, const at::Tensor& grad_in, const at::Tensor& x_in,
+                          const at::Tensor& y_in, at::IntArrayRef kernel_size,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups, double eps,
+                          const at::Tensor& scale_in, const at::Tensor& shift_in, double bn_eps,
+                          int64_t act) {
   check_4d(op, "grad", grad_in);
   check_4d(op, "x", x_in);
   check_4d(op, "y", y_in);
@@ -394,6 +422,7 @@ at::Tensor conv2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_i
   check_floating(op, "x", x_in);
   check_same_device_dtype(op, "grad", grad_in, x_in);
   check_same_device_dtype(op, "y", y_in, x_in);
+  if (scale_in.defined()) check_bn_fold(op, y_in, scale_in, shift_in, act);
   const Window2d win = make_window(op, kernel_size, stride, padding, dilation);
   TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
 
@@ -441,15 +470,37 @@ at::Tensor conv2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_i
   const bool use32 = biggest < kIntMax;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsgb_conv2d_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor sc = scale_in.defined() ? scale_in.to(acc_type).contiguous() : at::Tensor();
+    const at::Tensor sh = shift_in.defined() ? shift_in.to(acc_type).contiguous() : at::Tensor();
     if (use32) {
       run_conv2d_backward<scalar_t, int32_t>(cl, grad, x, y, gx, B, N, C, K, G, H, W, Ho, Wo,
-                                             geom, eps, stream);
+                                             geom, eps, sc, sh, bn_eps, act, stream);
     } else {
       run_conv2d_backward<scalar_t, int64_t>(cl, grad, x, y, gx, B, N, C, K, G, H, W, Ho, Wo,
-                                             geom, eps, stream);
+                                             geom, eps, sc, sh, bn_eps, act, stream);
     }
   });
   return gx;
+}
+
+at::Tensor conv2d_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, double eps) {
+  return conv_rule_cuda("tsgb_ext.conv2d_backward", grad, x, y, kernel_size, stride, padding,
+                        dilation, groups, eps, at::Tensor(), at::Tensor(), 0.0, kActNone);
+}
+
+at::Tensor conv2d_bn_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                   const at::Tensor& y, const at::Tensor& scale,
+                                   const at::Tensor& shift, double bn_eps, int64_t act,
+                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t groups, double eps) {
+  return conv_rule_cuda("tsgb_ext.conv2d_bn_backward", grad, x, y, kernel_size, stride,
+                        padding, dilation, groups, eps, scale, shift, bn_eps, act);
 }
 
 }  // namespace
@@ -457,4 +508,5 @@ at::Tensor conv2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_i
 
 TORCH_LIBRARY_IMPL(tsgb_ext, CUDA, m) {
   m.impl("conv2d_backward", &tsgb::conv2d_backward_cuda);
+  m.impl("conv2d_bn_backward", &tsgb::conv2d_bn_backward_cuda);
 }

@@ -1,0 +1,213 @@
+"""conv -> BatchNorm2d (-> ReLU / ReLU6) fusion through a traced graph (TSGB(..., fuse=True)).
+
+The fused path must give the maps of the unfused rules (float64: to rounding), must only fuse
+chains whose intermediate results go nowhere else, must fall back to the per-module
+conversion where tracing is not safe (hooks, untraceable forwards), and must leave the model
+exactly as it was.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as tvm
+
+import tsgb_ext
+from test_api import assert_same, snapshot
+
+if not tsgb_ext.native_available() or not hasattr(torch.ops.tsgb_ext, "conv2d_bn_act"):
+    pytest.skip("needs the compiled ops with conv2d_bn_act", allow_module_level=True)
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    return model.eval()
+
+
+def _plan(ex):
+    return ex._fusion_cache.get("plan") if ex._fusion_cache is not None else None
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _maps(model, x, target, **kw):
+    return tsgb_ext.TSGB(model, backend="native", **kw).attribute(x, target)
+
+
+class Block(nn.Module):
+    """A residual block in plain forward code (not nn.Sequential): conv-bn-relu with the
+    ReLU module used twice, a functional relu6, a bn feeding two users, a conv feeding two."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.conv4, self.bn4 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))      # fused, act ReLU (module)
+        out = F.relu6(self.bn2(self.conv2(out)))      # fused, act ReLU6 (function), depthwise
+        z = self.bn3(self.conv3(out))                 # fused, no act: bn3 feeds two users
+        out = self.relu(z) + z
+        y4 = self.conv4(out)                          # not fused: conv4 feeds two users
+        return self.relu(self.bn4(y4) + y4)
+
+
+class Net(nn.Module):
+    def __init__(self, classes=6):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8),
+                                  nn.ReLU6())
+        self.block = Block(8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def net():
+    torch.manual_seed(0)
+    return _randomise_bn(Net())
+
+
+def test_chains_found_and_maps_equal_unfused_float64():
+    model = net().double()
+    x = torch.randn(3, 3, 17, 15, dtype=torch.float64)
+    ex = tsgb_ext.TSGB(model, backend="native")
+    fused = ex.attribute(x, torch.tensor([0, 3, 5]))
+    plan = _plan(ex)
+    assert plan is not None and plan.chains == 4  # stem, conv1-bn1-relu, conv2-bn2-relu6, conv3-bn3
+    kinds = sorted(m.act for m in plan.graph_module.modules() if type(m).__name__ == "_FusedBlock")
+    assert kinds == [0, 1, 2, 2]
+    unfused = _maps(model, x, torch.tensor([0, 3, 5]), fuse=False)
+    hooks = tsgb_ext.TSGB(model, backend="hooks").attribute(x, torch.tensor([0, 3, 5]))
+    assert _rel(fused, unfused) < 1e-12
+    assert _rel(fused, hooks) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "vgg11_bn"])
+def test_torchvision_models_fused_equal_unfused(name):
+    torch.manual_seed(0)
+    model = _randomise_bn(getattr(tvm, name)(num_classes=10)).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    ex = tsgb_ext.TSGB(model, backend="native")
+    fused = ex.attribute(x, 4)
+    assert _plan(ex).chains > 0
+    assert _rel(fused, _maps(model, x, 4, fuse=False)) < 1e-11
+
+
+def test_float32_fused_close_to_unfused_and_nchw_channels_last():
+    model = net()
+    x = torch.randn(2, 3, 21, 19)
+    unfused = _maps(model, x, 1, fuse=False)
+    assert _rel(_maps(model, x, 1), unfused) < 1e-5
+    # channels_last: against the unfused rules on the same (channels_last) forward
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert _rel(_maps(model_cl, x_cl, 1), _maps(model_cl, x_cl, 1, fuse=False)) < 1e-5
+
+
+def test_model_restored_and_plan_cached():
+    model = net()
+    before = snapshot(model)
+    x = torch.randn(2, 3, 16, 16)
+    ex = tsgb_ext.TSGB(model, backend="native")
+    ex.attribute(x, 0)
+    assert_same(before, snapshot(model))
+    plan = _plan(ex)
+    ex.attribute(x, 1)
+    assert _plan(ex) is plan  # traced once per module tree
+    with ex:
+        ex.attribute(x, 2)
+        assert "forward" in model.__dict__
+    assert_same(before, snapshot(model))
+    model.block.conv4 = nn.Conv2d(8, 8, 1)  # the tree changed: traced again
+    ex.attribute(x, 1)
+    assert _plan(ex) is not plan
+
+
+def test_forward_error_restores_model():
+    model = net()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError):
+        tsgb_ext.TSGB(model, backend="native").attribute(torch.randn(2, 5, 16, 16), 0)
+    assert_same(before, snapshot(model))
+
+
+def test_hooks_disable_fusion_and_still_run():
+    model = net()
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    h = model.block.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        ex = tsgb_ext.TSGB(model, backend="native")
+        maps = ex.attribute(x, 2)
+        assert _plan(ex).graph_module is None and seen == [(2, 8, 8, 8)]
+    finally:
+        h.remove()
+    assert _rel(maps, _maps(model, x, 2, fuse=False)) < 1e-5
+
+
+class Untraceable(Net):
+    def forward(self, x):
+        if x.mean() > -1e9:  # data-dependent control flow: torch.fx cannot trace it
+            x = self.block(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_untraceable_model_falls_back():
+    torch.manual_seed(0)
+    model = _randomise_bn(Untraceable()).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    ex = tsgb_ext.TSGB(model, backend="native")
+    maps = ex.attribute(x, 3)
+    assert _plan(ex).graph_module is None
+    assert _rel(maps, tsgb_ext.TSGB(model, backend="hooks").attribute(x, 3)) < 1e-12
+
+
+def test_fuse_off_and_hooks_backend_do_not_trace():
+    model = net()
+    x = torch.randn(1, 3, 16, 16)
+    ex = tsgb_ext.TSGB(model, backend="native", fuse=False)
+    ex.attribute(x, 0)
+    assert ex._fusion_cache is None
+    ex = tsgb_ext.TSGB(model, backend="hooks")
+    ex.attribute(x, 0)
+    with ex:
+        ex.attribute(x, 0)
+    assert _plan(ex) is None
+    with pytest.raises(TypeError, match="fuse must be a bool"):
+        tsgb_ext.TSGB(model, fuse="yes")
+
+
+def test_bn_without_running_stats_not_fused():
+    model = net()
+    model.block.bn1 = nn.BatchNorm2d(8, track_running_stats=False)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    model = model.double()
+    ex = tsgb_ext.TSGB(model, backend="native")
+    maps = ex.attribute(x, 0)
+    assert _plan(ex).chains == 3
+    assert _rel(maps, tsgb_ext.TSGB(model, backend="hooks").attribute(x, 0)) < 1e-12
+
+
+def test_bf16_autocast_with_fusion():
+    model = net()
+    x = torch.randn(2, 3, 16, 16)
+    ex = tsgb_ext.TSGB(model, backend="native")
+    maps, _, logits = ex.explain(x, lambda lg: lg.argmax(1, keepdim=True), amp_dtype=torch.bfloat16)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(maps).all()
+    unfused = tsgb_ext.TSGB(model, backend="native", fuse=False).explain(
+        x, lambda lg: lg.argmax(1, keepdim=True), amp_dtype=torch.bfloat16)[0]
+    assert _rel(maps, unfused) < 0.05
