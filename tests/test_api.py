@@ -8,7 +8,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 import tsgb_ext
-from conftest import backends
+from conftest import assert_same, backends, snapshot  # noqa: F401
 
 
 def small_net(classes=5):
@@ -26,32 +26,6 @@ def resnet():
             mod.running_mean.normal_(0, 0.1)
             mod.running_var.uniform_(0.5, 1.5)
     return m.eval()
-
-
-def snapshot(model):
-    """Everything the explainer promises to leave untouched."""
-    return {
-        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
-        "dicts": [(n, sorted(k for k in m.__dict__ if not k.startswith("_"))) for n, m in model.named_modules()],
-        "forwards": [(n, m.__dict__.get("forward")) for n, m in model.named_modules()],
-        "training": [(n, m.training) for n, m in model.named_modules()],
-        "inplace": [(n, getattr(m, "inplace", None)) for n, m in model.named_modules()],
-        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
-        "grads": [(n, p.grad) for n, p in model.named_parameters()],
-        "hooks": [(n, len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
-                  for n, m in model.named_modules()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-    }
-
-
-def assert_same(a, b):
-    for key in a:
-        if key == "state":
-            assert a[key].keys() == b[key].keys()
-            for k in a[key]:
-                assert torch.equal(a[key][k], b[key][k]), k
-        else:
-            assert a[key] == b[key], key
 
 
 # ---- targets ------------------------------------------------------------------------------

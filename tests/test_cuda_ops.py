@@ -318,6 +318,81 @@ def test_conv2d_backward_cuda_graph(layout):
 
 
 # ------------------------------------------------------------------------------------------
+# conv2d_bn_backward: the conv rule with a BatchNorm (eval) and ReLU / ReLU6 folded in
+
+def ref_fold_factor(y, scale, shift, bn_eps, act):
+    """m(yb) * yb / (y + bn_eps): what the folded rules multiply the block's gradient by,
+    before the conv rule multiplies by y (float64)."""
+    yd = y.double().cpu()
+    yb = yd * scale.double().cpu().view(1, -1, 1, 1) + shift.double().cpu().view(1, -1, 1, 1)
+    mask = {0: torch.ones_like(yb, dtype=torch.bool), 1: yb > 0, 2: (yb > 0) & (yb < 6)}[act]
+    return torch.where(mask, yb, torch.zeros_like(yb)) / (yd + bn_eps)
+
+
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("idx", list(range(0, len(CONV_CFGS), 4)))
+def test_conv2d_bn_backward(idx, dtype, layout, act):
+    cfg = CONV_CFGS[idx]
+    N, T, C, K, H, W, ks, stride, padding, dilation, G = cfg
+    g, x, y = _conv_inputs(cfg, dtype, layout, idx + 100)
+    gen = torch.Generator().manual_seed(idx)
+    scale = (torch.rand(K, generator=gen) * 3 + 0.2).cuda()
+    shift = (torch.randn(K, generator=gen) * 2).cuda()
+    bn_eps = 1e-3
+    out = ops().conv2d_bn_backward(g, x, y, scale, shift, bn_eps, act, list(ks), list(stride),
+                                   list(padding), list(dilation), G, EPS)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=_expected_format(x))
+    f = ref_fold_factor(y, scale, shift, bn_eps, act).repeat(T, 1, 1, 1)
+    ref = _clamp_to(ref_conv2d_backward(g.double().cpu() * f, x, y, ks, stride, padding,
+                                        dilation, G), dtype)
+    rtol = RTOL[dtype] * (4 if dtype != torch.float64 else 1)  # one more rounded product
+    bound = rtol * ref.abs() + rtol * ref.abs().max().clamp_min(1e-30)
+    _assert_within(out, ref, bound, f"conv2d_bn_backward act={act} {cfg} {dtype} {layout}")
+
+
+def test_conv2d_bn_act_autograd_and_cuda_graph():
+    """The fused forward op's autograd (C++) on CUDA equals the unfused ops' autograd, and the
+    backward replays under CUDA-graph capture."""
+    gen = torch.Generator().manual_seed(3)
+    x = _rand((2, 6, 15, 13), gen).cuda().requires_grad_(True)
+    w, b = _rand((8, 3, 3, 3), gen).float().cuda(), _rand((8,), gen).float().cuda()
+    rm, rv = _rand((8,), gen).float().cuda(), _rand((8,), gen, positive=True).float().cuda() + 0.5
+    bw, bb = _rand((8,), gen).float().cuda(), _rand((8,), gen).float().cuda()
+    x32 = x.detach().float().requires_grad_(True)
+    for act, fn in ((0, lambda t: t), (1, F.relu), (2, F.relu6)):
+        out, y = ops().conv2d_bn_act(x32, w, b, [2, 1], [1, 1], [1, 2], 2, rm, rv, bw, bb, 1e-3, act)
+        yc = F.conv2d(x32, w, b, [2, 1], [1, 1], [1, 2], 2)
+        assert torch.equal(out, fn(F.batch_norm(yc, rm, rv, bw, bb, False, 0.0, 1e-3)))
+        g = torch.randn_like(out)
+        (gx,) = torch.autograd.grad(out, x32, g)
+        yu = ops().conv2d(x32, w, b, [2, 1], [1, 1], [1, 2], 2)
+        zu = fn(ops().batch_norm(yu, rm, rv, bw, bb, 1e-3))
+        (gu,) = torch.autograd.grad(zu, x32, g)
+        rel = ((gx - gu).norm() / gu.norm()).item()
+        assert rel < 1e-5, (act, rel)
+    # capture the fused backward op in a CUDA graph
+    scale = (bw * torch.rsqrt(rv + 1e-3)).contiguous()
+    shift = (bb - rm * scale).contiguous()
+    yd = y.detach()
+    args = ([3, 3], [2, 1], [1, 1], [1, 2], 2, EPS)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            ops().conv2d_bn_backward(g, x32.detach(), yd, scale, shift, 1e-3, 1, *args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = ops().conv2d_bn_backward(g, x32.detach(), yd, scale, shift, 1e-3, 1, *args)
+    g.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, ops().conv2d_bn_backward(g, x32.detach(), yd, scale, shift, 1e-3, 1, *args))
+
+
+# ------------------------------------------------------------------------------------------
 # batch_norm_backward
 
 BN_SHAPES = [(2, 3, 16, 16, 1), (1, 8, 7, 9, 3), (3, 5, 5, 5, 1), (2, 64, 14, 14, 3),

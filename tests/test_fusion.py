@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.models as tvm
 
 import tsgb_ext
-from test_api import assert_same, snapshot
+from conftest import DEVICES, assert_same, snapshot
 
 if not tsgb_ext.native_available() or not hasattr(torch.ops.tsgb_ext, "conv2d_bn_act"):
     pytest.skip("needs the compiled ops with conv2d_bn_act", allow_module_level=True)
@@ -81,11 +80,13 @@ def net():
     return _randomise_bn(Net())
 
 
-def test_chains_found_and_maps_equal_unfused_float64():
-    model = net().double()
-    x = torch.randn(3, 3, 17, 15, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_chains_found_and_maps_equal_unfused_float64(device):
+    model = net().double().to(device)
+    x = torch.randn(3, 3, 17, 15, dtype=torch.float64, device=device)
     ex = tsgb_ext.TSGB(model, backend="native")
     fused = ex.attribute(x, torch.tensor([0, 3, 5]))
+    assert fused.device == x.device
     plan = _plan(ex)
     assert plan is not None and plan.chains == 4  # stem, conv1-bn1-relu, conv2-bn2-relu6, conv3-bn3
     kinds = sorted(m.act for m in plan.graph_module.modules() if type(m).__name__ == "_FusedBlock")
@@ -98,6 +99,7 @@ def test_chains_found_and_maps_equal_unfused_float64():
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "vgg11_bn"])
 def test_torchvision_models_fused_equal_unfused(name):
+    tvm = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
     model = _randomise_bn(getattr(tvm, name)(num_classes=10)).double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -107,9 +109,10 @@ def test_torchvision_models_fused_equal_unfused(name):
     assert _rel(fused, _maps(model, x, 4, fuse=False)) < 1e-11
 
 
-def test_float32_fused_close_to_unfused_and_nchw_channels_last():
-    model = net()
-    x = torch.randn(2, 3, 21, 19)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_fused_close_to_unfused_and_nchw_channels_last(device):
+    model = net().to(device)
+    x = torch.randn(2, 3, 21, 19, device=device)
     unfused = _maps(model, x, 1, fuse=False)
     assert _rel(_maps(model, x, 1), unfused) < 1e-5
     # channels_last: against the unfused rules on the same (channels_last) forward
@@ -202,9 +205,10 @@ def test_bn_without_running_stats_not_fused():
     assert _rel(maps, tsgb_ext.TSGB(model, backend="hooks").attribute(x, 0)) < 1e-12
 
 
-def test_bf16_autocast_with_fusion():
-    model = net()
-    x = torch.randn(2, 3, 16, 16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_with_fusion(device):
+    model = net().to(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
     ex = tsgb_ext.TSGB(model, backend="native")
     maps, _, logits = ex.explain(x, lambda lg: lg.argmax(1, keepdim=True), amp_dtype=torch.bfloat16)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(maps).all()

@@ -1,6 +1,7 @@
-"""Python side of the compiled ops: fake kernels (for torch.compile / opcheck), autograd
-formulas for the forward ops (torch.library.register_autograd), and the native backend object
-the model conversion uses. Only imported when tsgb_ext._C loaded.
+"""Python side of the compiled ops: fake kernels (for torch.compile / opcheck), the classifier
+op's autograd formula (torch.library.register_autograd; the per-layer ops have theirs in C++,
+csrc/autograd.cpp), and the native backend object the model conversion uses. Only imported
+when tsgb_ext._C loaded.
 """
 from __future__ import annotations
 
@@ -93,78 +94,10 @@ def _(grad, x, weight_pos, weight_neg, eps):
     return x.new_empty((grad.shape[0], x.shape[1]))
 
 
-# ---- autograd of the forward ops -------------------------------------------------------
-def _conv_setup(ctx, inputs, output):
-    x, weight, _bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, output)
-    ctx.geom = (list(weight.shape[2:]), list(stride), list(padding), list(dilation), int(groups))
-
-
-def _conv_backward(ctx, grad):
-    x, y = ctx.saved_tensors
-    k, s, p, d, g = ctx.geom
-    return ops.conv2d_backward(grad, x, y, k, s, p, d, g, EPS), None, None, None, None, None, None
-
-
-torch.library.register_autograd(_lib + "conv2d", _conv_backward, setup_context=_conv_setup)
-# conv + ReLU: the conv rule on (grad at the ReLU output, ReLU output); see csrc/ops.cpp.
-torch.library.register_autograd(_lib + "conv2d_relu", _conv_backward, setup_context=_conv_setup)
-
-
-def _conv_bn_setup(ctx, inputs, output):
-    x, weight, _bias, stride, padding, dilation, groups, rm, rv, bw, bb, bn_eps, act = inputs
-    _out, y = output
-    scale, shift = _rules.bn_scale_shift(rm, rv, bw, bb, bn_eps)
-    ctx.save_for_backward(x, y, scale, shift)  # not the block's output (often changed in place)
-    ctx.geom = (list(weight.shape[2:]), list(stride), list(padding), list(dilation), int(groups))
-    ctx.bn = (float(bn_eps), int(act))
-    ctx.mark_non_differentiable(y)
-    ctx.set_materialize_grads(False)
-
-
-def _conv_bn_backward(ctx, grad, _grad_y):
-    x, y, scale, shift = ctx.saved_tensors
-    bn_eps, act = ctx.bn
-    if grad is None:
-        return (None,) * 13
-    gx = ops.conv2d_bn_backward(grad, x, y, scale, shift, bn_eps, act, *ctx.geom, EPS)
-    return (gx,) + (None,) * 12
-
-
-# conv -> BN -> activation as one node: the conv rule with the BN rule and the activation's
-# gradient folded into its channel reduction (csrc/ops.cpp).
-torch.library.register_autograd(_lib + "conv2d_bn_act", _conv_bn_backward,
-                                setup_context=_conv_bn_setup)
-
-
-def _bn_setup(ctx, inputs, output):
-    x, rm, rv, w, b, eps = inputs
-    scale, shift = _rules.bn_scale_shift(rm, rv, w, b, eps)
-    ctx.save_for_backward(x, scale, shift)  # not y: it is often changed in place later
-    ctx.eps = float(eps)
-
-
-def _bn_backward(ctx, grad):
-    x, scale, shift = ctx.saved_tensors
-    return ops.batch_norm_backward(grad, x, scale, shift, ctx.eps), None, None, None, None, None
-
-
-torch.library.register_autograd(_lib + "batch_norm", _bn_backward, setup_context=_bn_setup)
-
-
-def _pool_setup(ctx, inputs, output):
-    x, k, s, p, ceil_mode, cip, div = inputs
-    ctx.save_for_backward(x, output)
-    ctx.geom = (list(k), list(s), list(p), bool(ceil_mode), bool(cip), div)
-
-
-def _pool_backward(ctx, grad):
-    x, y = ctx.saved_tensors
-    return (ops.avg_pool2d_backward(grad, x, y, *ctx.geom, EPS),) + (None,) * 6
-
-
-torch.library.register_autograd(_lib + "avg_pool2d", _pool_backward, setup_context=_pool_setup)
-
+# ---- autograd -------------------------------------------------------------------------
+# conv2d, conv2d_relu, conv2d_bn_act, batch_norm and avg_pool2d have their autograd in C++
+# (csrc/autograd.cpp: one node per layer, no Python on the per-layer path). The classifier's
+# linear op keeps a Python formula (below): its rule selects rows of W in Python.
 
 # W+ and W- are prepared once per weight version, not per call. Keyed by id(weight) with a
 # weak reference to check identity (tensors compare elementwise, so they cannot be dict keys).
