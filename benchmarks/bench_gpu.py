@@ -2,8 +2,8 @@
 benchmarks/_models.py), batch 64, 224x224, float32 (TF32 off unless --tf32) and bf16 autocast.
 
 Rows (see benchmarks/README.md): forward, plain gradient, the authors' formulation, tsgb_ext
-hooks, hooks under torch.compile (float32 only), native, native with 5 targets per image and
-one un-converted native call. Per row: median ms (torch.utils.benchmark.Timer, which
+hooks, hooks under torch.compile (float32 only), native, native without the conv -> BN -> ReLU
+fusion (A/B), native with 5 targets per image and one un-converted native call. Per row: median ms (torch.utils.benchmark.Timer, which
 synchronises), images/s, ratio to the forward pass, peak GPU memory above the model+input
 baseline. Then a memory-bandwidth floor for the TSGB backward per model and dtype.
 
@@ -32,7 +32,8 @@ sys.path.insert(0, HERE)
 import _models  # noqa: E402
 from _rows import ROWS, compile_stats, fmt_err, make_row, make_targets, measure, run_cleanup  # noqa: E402
 
-EAGER_ROWS = ["forward", "gradient", "authors", "hooks", "native", "native_t5", "native_percall"]
+EAGER_ROWS = ["forward", "gradient", "authors", "hooks", "native", "native_unfused", "native_t5",
+              "native_percall"]
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -77,6 +78,47 @@ def floor_bytes(recs):
             per[kind] += 3 * n_in * es_in
         elif kind == "MaxPool2d":
             per[kind] += n_out * (es_out + 8) + n_in * es_in
+    return sum(per.values()), dict(per)
+
+
+_CONV_RULES = ("conv2d_backward", "conv2d_bn_backward")
+
+
+def backward_op_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast,
+                      fuse: bool = True):
+    """Bytes the ops of one native TSGB backward move if each reads its tensor operands once and
+    writes its result once (the conv rules read x twice: |x| box sums, sign(x)): the floor of
+    this implementation's backward, counted from the ops it actually runs (TorchDispatchMode,
+    ops inside the autograd engine only). Returns (total, per-op dict)."""
+    import tsgb_ext
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    per = defaultdict(int)
+
+    def nbytes(t):
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            rets = func._schema.returns
+            view = bool(rets) and rets[0].alias_info is not None  # detach, view, ...: no bytes
+            if torch._C._current_graph_task_id() != -1 and not view:  # inside the backward
+                name = func.__name__.split(".")[0]
+                b = sum(nbytes(t) for t in tree_leaves((args, kwargs or {}))) + \
+                    sum(nbytes(t) for t in tree_leaves(out))
+                if name in _CONV_RULES:
+                    b += nbytes(args[1])
+                per[name] += b
+            return out
+
+    ex = tsgb_ext.TSGB(model, backend="native", fuse=fuse)
+    with ex:  # as the native rows run: model kept converted, counted on the second call
+        with autocast():
+            ex.attribute(x, target)
+        with autocast(), Count():
+            ex.attribute(x, target)
     return sum(per.values()), dict(per)
 
 
@@ -196,9 +238,18 @@ def main(argv=None) -> int:
                      "per ReLU read g, y, write gx; per MaxPool read g and int64 indices, write "
                      "gx) / measured copy bandwidth. Measured: row median minus the forward "
                      "median.\n\n"
-                     "| model | dtype | floor GB | floor ms | native - forward ms | "
-                     "hooks - forward ms | authors - forward ms | bytes by layer kind (GB) |\n"
-                     "|---|---|---|---|---|---|---|---|\n" + "\n".join(floors) + "\n")
+                     "Op floor: the bytes the native backward's ops move, counted from the "
+                     "ops it runs in a with-block call (bench_gpu.backward_op_bytes: each op reads "
+                     "its operands once, writes its result once; conv rules read x twice; views "
+                     "free) / the same "
+                     "bandwidth, with the conv -> BN -> ReLU fusion (fused) and without "
+                     "(unfused).\n\n"
+                     "| model | dtype | floor GB | floor ms | op floor fused GB / ms | "
+                     "op floor unfused GB / ms | native - forward ms | native_unfused - "
+                     "forward ms | hooks - forward ms | authors - forward ms | bytes by layer "
+                     "kind (GB) | fused backward bytes by op (GB) |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+                     + "\n".join(floors) + "\n")
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text)
@@ -272,11 +323,21 @@ def main(argv=None) -> int:
                     m, f0 = med_of.get((name, dname, row)), fwd.get((name, dname))
                     return f"{(m - f0) * 1e3:.2f}" if m is not None and f0 else "-"
                 kinds = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(per.items()))
-                floors.append(f"| {name} | {dname} | {total / 1e9:.2f} | {fms} | "
-                              f"{minus('native')} | {minus('hooks')} | {minus('authors')} | "
-                              f"{kinds} |")
+
+                def op_floor(fuse):
+                    ob, oper = backward_op_bytes(model, x, t, ac, fuse)
+                    oms = f"{ob / (bw * 1e9) * 1e3:.2f}" if bw else "-"
+                    return f"{ob / 1e9:.2f} / {oms}", oper
+                fused_cell, oper = op_floor(True)
+                unfused_cell, _ = op_floor(False)
+                ops_txt = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in
+                                    sorted(oper.items(), key=lambda kv: -kv[1]) if v >= 1e7)
+                floors.append(f"| {name} | {dname} | {total / 1e9:.2f} | {fms} | {fused_cell} | "
+                              f"{unfused_cell} | {minus('native')} | {minus('native_unfused')} | "
+                              f"{minus('hooks')} | {minus('authors')} | {kinds} | {ops_txt} |")
             except Exception as e:
-                floors.append(f"| {name} | {dname} | - | - | - | - | - | FAILED {fmt_err(e)} |")
+                floors.append(f"| {name} | {dname} | - | - | - | - | - | - | - | - | - | "
+                              f"FAILED {fmt_err(e)} |")
             flush()
     for row in compile_rows:
         for dname in compile_dtypes:

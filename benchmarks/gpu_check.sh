@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check: build the CUDA kernels, run the CUDA tests, run the GPU benchmark.
-# Run from anywhere:  bash benchmarks/gpu_check.sh      (about 8 minutes at most)
+# Run from anywhere:  bash benchmarks/gpu_check.sh      (at most about 8.5 minutes: the step
+# timeouts add up to 470 s plus the build)
 # Results go to $OUT (default benchmarks/out): gpu_results.md, build.log, pytest_*.txt.
 # Failing steps are reported and the script goes on to the benchmark table.
 set -uo pipefail
@@ -25,30 +26,28 @@ else
 fi
 python -c "import tsgb_ext; print(tsgb_ext.backend_info())" 2>&1 | tee "$OUT/backend_info.txt"
 
-step "CUDA op tests (timeout 150 s)"
-tests=""
-for f in tests/test_cuda_ops.py tests/test_native_ops.py; do [ -f "$f" ] && tests="$tests $f"; done
-if [ -n "$tests" ]; then
-  timeout 150 python -m pytest -q -x $tests -k cuda -p no:cacheprovider 2>&1 \
-    | tee "$OUT/pytest_cuda_ops.txt" | tail -15
-  rc=${PIPESTATUS[0]}; echo "pytest exit $rc"; [ "$rc" = 0 ] || status=1
-else
-  echo "no CUDA op test files found"
-fi
+step "CUDA op tests, bad-input tests apart (timeout 120 s)"
+# The *_errors tests run in their own process: on the torch 2.11 device image an exception
+# raised inside an extension op has crashed the process (2026-11 H200 run), which must not
+# take the other tests down with it.
+timeout 120 python -m pytest -q tests/test_cuda_ops.py -k "not errors" -p no:cacheprovider 2>&1 \
+  | tee "$OUT/pytest_cuda_ops.txt" | tail -15
+rc=${PIPESTATUS[0]}; echo "pytest exit $rc"; [ "$rc" = 0 ] || status=1
 
-step "CUDA model check: native vs hooks vs float64, channels_last, bf16 autocast (timeout 60 s)"
-timeout 60 python benchmarks/gpu_model_check.py 2>&1 | tee "$OUT/gpu_model_check.txt" | tail -4
+step "CUDA bad-input tests (timeout 30 s)"
+timeout 30 python -X faulthandler -m pytest -q tests/test_cuda_ops.py -k errors -p no:cacheprovider 2>&1 \
+  | tee "$OUT/pytest_cuda_errors.txt" | tail -25
+rc=${PIPESTATUS[0]}; echo "pytest exit $rc (139 = segfault)"; [ "$rc" = 0 ] || status=1
+
+step "CUDA model tests: fusion, native vs hooks vs float64 (timeout 60 s)"
+timeout 60 python -m pytest -q tests/test_fusion.py tests/test_native_ops.py tests/test_models.py \
+  -k cuda -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/pytest_models_cuda.txt" | tail -8
+rc=${PIPESTATUS[0]}; echo "pytest exit $rc (4/5: a module could not be collected / nothing selected)"
+[ "$rc" = 0 ] || [ "$rc" = 5 ] || status=1
+
+step "CUDA model check: native (fused, unfused) vs hooks vs float64, channels_last, bf16 (timeout 60 s)"
+timeout 60 python benchmarks/gpu_model_check.py 2>&1 | tee "$OUT/gpu_model_check.txt" | tail -6
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
-
-step "CUDA model tests (timeout 60 s)"
-if [ -f tests/test_models.py ] && grep -q cuda tests/test_models.py; then
-  timeout 60 python -m pytest -q tests/test_models.py -k cuda -p no:cacheprovider 2>&1 \
-    | tee "$OUT/pytest_models_cuda.txt" | tail -8
-  rc=${PIPESTATUS[0]}; echo "pytest exit $rc (5 = no test selected)"
-  [ "$rc" = 0 ] || [ "$rc" = 5 ] || status=1
-else
-  echo "tests/test_models.py has no cuda tests"
-fi
 
 step "GPU benchmark (timeout 200 s; compile rows not started after 140 s)"
 timeout 200 python benchmarks/bench_gpu.py --budget 140 --out "$OUT/gpu_results.md" \
