@@ -35,13 +35,15 @@ timeout 120 python -m pytest -q tests/test_cuda_ops.py -k "not errors" -p no:cac
 rc=${PIPESTATUS[0]}; echo "pytest exit $rc"; [ "$rc" = 0 ] || status=1
 
 step "CUDA bad-input tests (timeout 30 s)"
-timeout 30 python -X faulthandler -m pytest -q tests/test_cuda_ops.py -k errors -p no:cacheprovider 2>&1 \
+timeout 30 python -X faulthandler -m pytest -q tests/test_cuda_ops.py tests/test_native_ops.py \
+  -k "errors or (bad_input and cuda) or mismatched_devices" -p no:cacheprovider 2>&1 \
   | tee "$OUT/pytest_cuda_errors.txt" | tail -25
 rc=${PIPESTATUS[0]}; echo "pytest exit $rc (139 = segfault)"; [ "$rc" = 0 ] || status=1
 
 step "CUDA model tests: fusion, native vs hooks vs float64 (timeout 60 s)"
 timeout 60 python -m pytest -q tests/test_fusion.py tests/test_native_ops.py tests/test_models.py \
-  -k cuda -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/pytest_models_cuda.txt" | tail -8
+  -k "cuda and not bad_input and not mismatched_devices" -p no:cacheprovider \
+  --continue-on-collection-errors 2>&1 | tee "$OUT/pytest_models_cuda.txt" | tail -8
 rc=${PIPESTATUS[0]}; echo "pytest exit $rc (4/5: a module could not be collected / nothing selected)"
 [ "$rc" = 0 ] || [ "$rc" = 5 ] || status=1
 

@@ -139,14 +139,15 @@ def linear_rule(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> to
     """TSGB-FC backward. float32 is computed in float64 (see tsgb_hooks.rules.linear_rule:
     the rule's built-in cancellation made it the largest float32 error; it is one small layer).
 
-    In eager mode only the classes with a non-zero output gradient take part (one-hot targets:
-    N*T rows of W instead of all of them): exactly the same result, and no float64 copy of the
-    whole weight (65 MB for VGG16's classifier). Traced or graph-captured calls, which cannot
-    look at the gradient's values, use W+ and W- prepared once per weight version."""
+    On the CPU, in eager mode, only the classes with a non-zero output gradient take part
+    (one-hot targets: N*T rows of W instead of all of them): exactly the same result, and no
+    float64 copy of the whole weight (65 MB for VGG16's classifier). On CUDA (finding those
+    classes would synchronise with the device) and in traced or graph-captured calls, which
+    cannot look at the gradient's values, W+ and W- are prepared once per weight version."""
     cd = torch.float64 if x.dtype == torch.float32 else x.dtype
     out_features, shape = grad.shape[-1], x.shape
     g2, x2 = grad.reshape(-1, out_features), x.reshape(-1, shape[-1])
-    if _eager(grad):
+    if not grad.is_cuda and _eager(grad):
         cols = (g2 != 0).any(0).nonzero().squeeze(1)
         if cols.numel() == 0:
             return torch.zeros(grad.shape[:-1] + shape[-1:], dtype=grad.dtype, device=grad.device)
