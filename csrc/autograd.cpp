@@ -50,9 +50,9 @@ using PoolSig = at::Tensor(const at::Tensor&, IntArrayRef, IntArrayRef, IntArray
 using ConvBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, int64_t, double);
 using ConvBnBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, double, int64_t,
-                                IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, int64_t,
-                                double);
+                                const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                const OptTensor&, double, int64_t, IntArrayRef, IntArrayRef,
+                                IntArrayRef, IntArrayRef, int64_t, double);
 using BnBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, double);
 using PoolBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -138,9 +138,10 @@ struct Conv2dBnActFn : public torch::autograd::Function<Conv2dBnActFn> {
       std::tie(out, y) = op.call(x, weight, bias, stride, padding, dilation, groups, running_mean,
                                  running_var, bn_weight, bn_bias, bn_eps, act);
     }
-    auto [scale, shift] = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, bn_eps);
-    // the conv output, not the block's output (which later code often changes in place)
-    ctx->save_for_backward({x, y, scale, shift});
+    // the conv output, not the block's output (which later code often changes in place); the
+    // BN parameters as they are (the backward op turns them into scale / shift in its kernel)
+    ctx->save_for_backward({x, y, running_mean, running_var, bn_weight.value_or(at::Tensor()),
+                            bn_bias.value_or(at::Tensor())});
     ctx->saved_data["k"] = weight.sizes().slice(2).vec();
     ctx->saved_data["s"] = stride.vec();
     ctx->saved_data["p"] = padding.vec();
@@ -157,8 +158,10 @@ struct Conv2dBnActFn : public torch::autograd::Function<Conv2dBnActFn> {
     const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return variable_list(13);
     static const auto bwd = handle<ConvBnBwdSig>("tsgb_ext::conv2d_bn_backward");
-    at::Tensor gx = bwd.call(grads[0], saved[0], saved[1], saved[2], saved[3],
-                             ctx->saved_data["bn_eps"].toDouble(), ctx->saved_data["act"].toInt(),
+    auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    at::Tensor gx = bwd.call(grads[0], saved[0], saved[1], saved[2], saved[3], opt(saved[4]),
+                             opt(saved[5]), ctx->saved_data["bn_eps"].toDouble(),
+                             ctx->saved_data["act"].toInt(),
                              ctx->saved_data["k"].toIntVector(), ctx->saved_data["s"].toIntVector(),
                              ctx->saved_data["p"].toIntVector(), ctx->saved_data["d"].toIntVector(),
                              ctx->saved_data["g"].toInt(), kEps);

@@ -338,11 +338,20 @@ def test_conv2d_bn_backward(idx, dtype, layout, act):
     N, T, C, K, H, W, ks, stride, padding, dilation, G = cfg
     g, x, y = _conv_inputs(cfg, dtype, layout, idx + 100)
     gen = torch.Generator().manual_seed(idx)
-    scale = (torch.rand(K, generator=gen) * 3 + 0.2).cuda()
-    shift = (torch.randn(K, generator=gen) * 2).cuda()
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    rm = torch.randn(K, generator=gen, dtype=torch.float64)
+    rv = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
+    bw = torch.randn(K, generator=gen, dtype=torch.float64) * 2
+    bb = torch.randn(K, generator=gen, dtype=torch.float64) * 2
+    rm, rv, bw, bb = (t.to(pd).cuda() for t in (rm, rv, bw, bb))
     bn_eps = 1e-3
-    out = ops().conv2d_bn_backward(g, x, y, scale, shift, bn_eps, act, list(ks), list(stride),
+    wb = (bw, bb) if idx % 8 else (None, None)  # some configs: BatchNorm2d(affine=False)
+    out = ops().conv2d_bn_backward(g, x, y, rm, rv, *wb, bn_eps, act, list(ks), list(stride),
                                    list(padding), list(dilation), G, EPS)
+    scale = torch.rsqrt(rv.double().cpu() + bn_eps)
+    if wb[0] is not None:
+        scale = scale * bw.double().cpu()
+    shift = -rm.double().cpu() * scale + (bb.double().cpu() if wb[1] is not None else 0)
     assert out.dtype == dtype and out.is_contiguous(memory_format=_expected_format(x))
     f = ref_fold_factor(y, scale, shift, bn_eps, act).repeat(T, 1, 1, 1)
     ref = _clamp_to(ref_conv2d_backward(g.double().cpu() * f, x, y, ks, stride, padding,
@@ -373,23 +382,22 @@ def test_conv2d_bn_act_autograd_and_cuda_graph():
         rel = ((gx - gu).norm() / gu.norm()).item()
         assert rel < 1e-5, (act, rel)
     # capture the fused backward op in a CUDA graph
-    scale = (bw * torch.rsqrt(rv + 1e-3)).contiguous()
-    shift = (bb - rm * scale).contiguous()
     yd = y.detach()
+    bn = (rm, rv, bw, bb, 1e-3, 1)
     args = ([3, 3], [2, 1], [1, 1], [1, 2], 2, EPS)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            ops().conv2d_bn_backward(g, x32.detach(), yd, scale, shift, 1e-3, 1, *args)
+            ops().conv2d_bn_backward(g, x32.detach(), yd, *bn, *args)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static = ops().conv2d_bn_backward(g, x32.detach(), yd, scale, shift, 1e-3, 1, *args)
+        static = ops().conv2d_bn_backward(g, x32.detach(), yd, *bn, *args)
     g.normal_()
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(static, ops().conv2d_bn_backward(g, x32.detach(), yd, scale, shift, 1e-3, 1, *args))
+    assert torch.equal(static, ops().conv2d_bn_backward(g, x32.detach(), yd, *bn, *args))
 
 
 # ------------------------------------------------------------------------------------------

@@ -211,14 +211,19 @@ def _check_conv2d_bn_backward(c, device, dtype):
     x, y, g = conv_case(c, dtype, device)
     gen = gen_of(c["seed"] + 1)
     K = c["K"]
-    scale = (torch.rand(K, generator=gen, dtype=torch.float64) * 3 + 0.2).to(device)
-    shift = (torch.randn(K, generator=gen, dtype=torch.float64) * 2).to(device)
-    if dtype != torch.float64:
-        scale, shift = scale.float(), shift.float()
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    rm = torch.randn(K, generator=gen, dtype=torch.float64).to(pd).to(device)
+    rv = (torch.rand(K, generator=gen, dtype=torch.float64) + 0.1).to(pd).to(device)
+    bw = (torch.randn(K, generator=gen, dtype=torch.float64) * 2).to(pd).to(device)
+    bb = (torch.randn(K, generator=gen, dtype=torch.float64) * 2).to(pd).to(device)
+    affine = c["seed"] % 3 != 0  # a third of the draws: BatchNorm2d(affine=False)
+    wb = (bw, bb) if affine else (None, None)
     out = ops.conv2d_bn_backward(layout(g, c["lg"]), layout(x, c["lx"]), layout(y, c["ly"]),
-                                 scale, shift, bn_eps, act, c["k"], c["s"], c["p"], c["d"],
+                                 rm, rv, *wb, bn_eps, act, c["k"], c["s"], c["p"], c["d"],
                                  c["G"], EPS)
-    want = ref_conv_bn_rule(g.cpu(), x.cpu(), y.cpu(), scale.cpu(), shift.cpu(), bn_eps, act,
+    scale, shift = tsgb_hooks_rules.bn_scale_shift(*(t.double().cpu() if t is not None else None
+                                                     for t in (rm, rv, *wb)), bn_eps)
+    want = ref_conv_bn_rule(g.cpu(), x.cpu(), y.cpu(), scale, shift, bn_eps, act,
                             c["k"], c["s"], c["p"], c["d"], c["G"])
     assume_representable(want, dtype)
     check_close(out, want, dtype, f"conv2d_bn_backward act={act} {c}")
@@ -257,15 +262,17 @@ def test_conv2d_bn_act_forward_and_autograd(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_conv2d_bn_backward_bad_input(device):
     x, y, g, _ = _good_args(device)
-    s = torch.randn(4, device=device)
+    s = torch.rand(4, device=device) + 0.5
 
-    def call(scale=s, shift=s, act=1, G=1):
-        return ops.conv2d_bn_backward(g, x, y, scale, shift, 1e-5, act, [3, 3], [1, 1], [1, 1],
+    def call(rm=s, rv=s, w=s, b=s, act=1, G=1):
+        return ops.conv2d_bn_backward(g, x, y, rm, rv, w, b, 1e-5, act, [3, 3], [1, 1], [1, 1],
                                       [1, 1], G, EPS)
+    call(w=None, b=None)  # affine=False is fine
     for fn, pattern in [
-            (lambda: call(scale=s[:3]), r"conv2d_bn_backward: scale must have shape \(4,\)"),
-            (lambda: call(shift=s.view(2, 2)), r"conv2d_bn_backward: shift must have shape \(4,\)"),
-            (lambda: call(scale=s.long()), r"conv2d_bn_backward: scale and shift must be floating"),
+            (lambda: call(rm=s[:3]), r"conv2d_bn_backward: running_mean must have shape \(4,\)"),
+            (lambda: call(rv=s.view(2, 2)), r"conv2d_bn_backward: running_var must have shape \(4,\)"),
+            (lambda: call(w=s[:2]), r"conv2d_bn_backward: bn_weight must have shape \(4,\)"),
+            (lambda: call(b=s.long()), r"conv2d_bn_backward: bn_bias must be a floating tensor"),
             (lambda: call(act=-1), r"conv2d_bn_backward: act must be 0 \(none\), 1 \(ReLU\) or 2"),
             (lambda: call(G=2), r"conv2d_bn_backward: x's channels \(3\) must be divisible")]:
         with pytest.raises(RuntimeError, match=pattern):
@@ -575,12 +582,13 @@ def _backward_samples(device, fmt):
         (ops.linear_backward.default, (torch.randn(6, 5, device=device), torch.randn(2, 8, device=device).relu(),
                                        W.clamp(min=0), W.clamp(max=0), EPS)),
     ] + ([
-        (ops.conv2d_bn_backward.default, (g, x, y, torch.rand(6, device=device) + 0.5,
+        (ops.conv2d_bn_backward.default, (g, x, y, torch.randn(6, device=device),
+                                          torch.rand(6, device=device) + 0.5, torch.randn(6, device=device),
                                           torch.randn(6, device=device), 1e-5, 1, [3, 3], [2, 2],
                                           [1, 1], [1, 1], 2, EPS)),
-        (ops.conv2d_bn_backward.default, (g, x, y, torch.rand(6, device=device) + 0.5,
-                                          torch.randn(6, device=device), 1e-3, 2, [3, 3], [2, 2],
-                                          [1, 1], [1, 1], 2, EPS)),
+        (ops.conv2d_bn_backward.default, (g, x, y, torch.randn(6, device=device),
+                                          torch.rand(6, device=device) + 0.5, None, None, 1e-3, 2,
+                                          [3, 3], [2, 2], [1, 1], [1, 1], 2, EPS)),
     ] if HAS_CONV_BN else [])
 
 

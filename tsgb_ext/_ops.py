@@ -75,7 +75,8 @@ def _(grad, x, y, kernel_size, stride, padding, dilation, groups, eps):
 
 
 @torch.library.register_fake(_lib + "conv2d_bn_backward")
-def _(grad, x, y, scale, shift, bn_eps, act, kernel_size, stride, padding, dilation, groups, eps):
+def _(grad, x, y, running_mean, running_var, bn_weight, bn_bias, bn_eps, act, kernel_size, stride,
+      padding, dilation, groups, eps):
     return _grad_like_x(grad, x)
 
 

@@ -5,7 +5,9 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
+#include <optional>
 
 namespace tsgb {
 
@@ -134,22 +136,43 @@ C10_HOST_DEVICE inline acc_t bn_act_factor(acc_t y, acc_t scale, acc_t shift, ac
                             : bn_act_factor_t<kActNone>(y, scale, shift, bn_eps);
 }
 
-// Checks of the BN-fold arguments of conv2d_bn_backward against y's channel count K.
-inline void check_bn_fold(const char* op, const at::Tensor& y, const at::Tensor& scale,
-                          const at::Tensor& shift, int64_t act) {
+// Checks of the BN arguments of conv2d_bn_backward against y's channel count K.
+inline void check_bn_params(const char* op, const at::Tensor& y, const at::Tensor& running_mean,
+                            const at::Tensor& running_var,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, int64_t act) {
   const int64_t K = y.size(1);
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == K, op, ": scale must have shape (", K,
-              ",) (y's channels), got ", scale.sizes());
-  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == K, op, ": shift must have shape (", K,
-              ",) (y's channels), got ", shift.sizes());
-  TORCH_CHECK(at::isFloatingType(scale.scalar_type()) && at::isFloatingType(shift.scalar_type()),
-              op, ": scale and shift must be floating tensors, got ", scale.scalar_type(), " and ",
-              shift.scalar_type());
-  TORCH_CHECK(scale.device() == y.device() && shift.device() == y.device(), op,
-              ": scale and shift must be on ", y.device(), " like x, got ", scale.device(),
-              " and ", shift.device());
+  auto check = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == K, op, ": ", name, " must have shape (", K,
+                ",) (y's channels), got ", t.sizes());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                " must be a floating tensor, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == y.device(), op, ": ", name, " must be on ", y.device(),
+                " like x, got ", t.device());
+  };
+  check("running_mean", running_mean);
+  check("running_var", running_var);
+  if (weight.has_value() && weight->defined()) check("bn_weight", *weight);
+  if (bias.has_value() && bias->defined()) check("bn_bias", *bias);
   TORCH_CHECK(act == kActNone || act == kActRelu || act == kActRelu6, op,
               ": act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got ", act);
+}
+
+// The eval BatchNorm of channel k as y * scale + shift, in the order tsgb_hooks.rules uses:
+// scale = rsqrt(var + eps) [* weight], shift = -mean * scale [+ bias]. Pointers may be null
+// for weight / bias (affine=False).
+template <typename acc_t>
+C10_HOST_DEVICE inline void bn_scale_shift_at(const acc_t* rm, const acc_t* rv, const acc_t* w,
+                                              const acc_t* b, acc_t eps, int64_t k, acc_t& scale,
+                                              acc_t& shift) {
+#if defined(__CUDA_ARCH__)
+  scale = acc_t(1) / ::sqrt(rv[k] + eps);
+#else
+  scale = acc_t(1) / std::sqrt(rv[k] + eps);
+#endif
+  if (w != nullptr) scale = scale * w[k];
+  shift = -rm[k] * scale;
+  if (b != nullptr) shift = shift + b[k];
 }
 
 }  // namespace tsgb

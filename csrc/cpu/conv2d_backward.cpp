@@ -372,12 +372,44 @@ at::Tensor depthwise_backward_aten(const at::Tensor& grad, const at::Tensor& x, 
   return sx.mul_(t).to(x.scalar_type()).contiguous(fmt);
 }
 
-// Shared by conv2d_backward and conv2d_bn_backward (scale defined: BN + activation folded in).
+// The BN of a fused block as per-channel scale / shift vectors (acc type, contiguous).
+std::pair<at::Tensor, at::Tensor> bn_scale_shift_cpu(const at::Tensor& rm, const at::Tensor& rv,
+                                                     const std::optional<at::Tensor>& w,
+                                                     const std::optional<at::Tensor>& b,
+                                                     double bn_eps, at::ScalarType acc_type) {
+  const int64_t K = rm.size(0);
+  auto prep = [&](const at::Tensor& t) { return t.to(acc_type).contiguous(); };
+  const at::Tensor rmc = prep(rm), rvc = prep(rv);
+  const bool has_w = w.has_value() && w->defined(), has_b = b.has_value() && b->defined();
+  const at::Tensor wc = has_w ? prep(*w) : at::Tensor(), bc = has_b ? prep(*b) : at::Tensor();
+  at::Tensor scale = at::empty({K}, rmc.options()), shift = at::empty({K}, rmc.options());
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "tsgb_bn_scale_shift_cpu", [&] {
+    const scalar_t* wp = has_w ? wc.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = has_b ? bc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* sc = scale.mutable_data_ptr<scalar_t>();
+    scalar_t* sh = shift.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      bn_scale_shift_at<scalar_t>(rmc.const_data_ptr<scalar_t>(), rvc.const_data_ptr<scalar_t>(),
+                                  wp, bp, static_cast<scalar_t>(bn_eps), k, sc[k], sh[k]);
+    }
+  });
+  return {scale, shift};
+}
+
+// Shared by conv2d_backward and conv2d_bn_backward (bn given: BN + activation folded in).
+struct BnArgs {
+  const at::Tensor& running_mean;
+  const at::Tensor& running_var;
+  const std::optional<at::Tensor>& weight;
+  const std::optional<at::Tensor>& bias;
+  double bn_eps;
+  int64_t act;
+};
+
 at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tensor& x,
                          const at::Tensor& y, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         double eps, const at::Tensor& scale, const at::Tensor& shift,
-                         double bn_eps, int64_t act) {
+                         double eps, const BnArgs* bn) {
   check_4d(kOp, "grad", grad);
   check_4d(kOp, "x", x);
   check_4d(kOp, "y", y);
@@ -385,7 +417,9 @@ at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tens
   check_same_device_dtype(kOp, "grad", grad, x);
   check_same_device_dtype(kOp, "y", y, x);
   TORCH_CHECK(x.device().is_cpu(), kOp, ": CPU kernel called with x on ", x.device());
-  if (scale.defined()) check_bn_fold(kOp, y, scale, shift, act);
+  if (bn != nullptr) {
+    check_bn_params(kOp, y, bn->running_mean, bn->running_var, bn->weight, bn->bias, bn->act);
+  }
   const Window2d win = make_window(kOp, kernel_size, stride, padding, dilation);
   TORCH_CHECK(groups > 0, kOp, ": groups must be positive, got ", groups);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -409,6 +443,14 @@ at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tens
               eHo, ", ", eWo, ") for x of shape ", x.sizes(), " and kernel_size ", kernel_size,
               ", stride ", stride, ", padding ", padding, ", dilation ", dilation, "; got y of shape ",
               y.sizes());
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scale, shift;
+  if (bn != nullptr) {
+    std::tie(scale, shift) = bn_scale_shift_cpu(bn->running_mean, bn->running_var, bn->weight,
+                                                bn->bias, bn->bn_eps, acc_type);
+  }
+  const double bn_eps = bn != nullptr ? bn->bn_eps : 0.0;
+  const int64_t act = bn != nullptr ? bn->act : kActNone;
 
   if (groups > 1 && C == groups) {
     return depthwise_backward_aten(grad.contiguous(fmt), x.contiguous(fmt), y.contiguous(fmt),
@@ -425,10 +467,7 @@ at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tens
       conv2d_backward_kernel<scalar_t>(gc, xc, yc, gx, win, groups, eps, cl, nullptr);
       return;
     }
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor sc = scale.to(acc_type).contiguous();
-    const at::Tensor sh = shift.to(acc_type).contiguous();
-    const BnFold<acc_t> fold{sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(),
+    const BnFold<acc_t> fold{scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
                              static_cast<acc_t>(bn_eps), act};
     conv2d_backward_kernel<scalar_t>(gc, xc, yc, gx, win, groups, eps, cl, &fold);
   });
@@ -440,16 +479,19 @@ at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, cons
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                double eps) {
   return conv_rule_cpu("tsgb_ext.conv2d_backward", grad, x, y, kernel_size, stride, padding,
-                       dilation, groups, eps, at::Tensor(), at::Tensor(), 0.0, kActNone);
+                       dilation, groups, eps, nullptr);
 }
 
 at::Tensor conv2d_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
-                                  const at::Tensor& scale, const at::Tensor& shift, double bn_eps,
+                                  const at::Tensor& running_mean, const at::Tensor& running_var,
+                                  const std::optional<at::Tensor>& bn_weight,
+                                  const std::optional<at::Tensor>& bn_bias, double bn_eps,
                                   int64_t act, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation,
                                   int64_t groups, double eps) {
+  const BnArgs bn{running_mean, running_var, bn_weight, bn_bias, bn_eps, act};
   return conv_rule_cpu("tsgb_ext.conv2d_bn_backward", grad, x, y, kernel_size, stride, padding,
-                       dilation, groups, eps, scale, shift, bn_eps, act);
+                       dilation, groups, eps, &bn);
 }
 
 }  // namespace

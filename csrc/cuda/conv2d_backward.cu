@@ -319,6 +319,17 @@ __global__ void gather_sign_cl_kernel(const acc_t* __restrict__ r, const scalar_
 }
 
 // ---------------------------------------------------------------------------------------------
+// 0. The BN of a fused block as per-channel scale / shift (one tiny launch, no ATen ops).
+template <typename acc_t>
+__global__ void bn_scale_shift_kernel(const acc_t* __restrict__ rm, const acc_t* __restrict__ rv,
+                                      const acc_t* __restrict__ w, const acc_t* __restrict__ b,
+                                      acc_t eps, int64_t K, acc_t* __restrict__ scale,
+                                      acc_t* __restrict__ shift) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k < K) bn_scale_shift_at<acc_t>(rm, rv, w, b, eps, k, scale[k], shift[k]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launchers
 
 // Rows (blockDim.y) splitting an NCHW channel loop of `cpg` channels over P positions: more
@@ -408,13 +419,22 @@ void run_conv2d_backward(bool cl, const at::Tensor& grad, const at::Tensor& x,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Shared by conv2d_backward and conv2d_bn_backward (scale defined: BN + activation folded in).
+// The BN arguments of conv2d_bn_backward.
+struct BnArgs {
+  const at::Tensor& running_mean;
+  const at::Tensor& running_var;
+  const std::optional<at::Tensor>& weight;
+  const std::optional<at::Tensor>& bias;
+  double bn_eps;
+  int64_t act;
+};
+
+// Shared by conv2d_backward and conv2d_bn_backward (bn given: BN + activation folded in).
 at::Tensor conv_rule_cuda(const char* op, const at::Tensor& grad_in, const at::Tensor& x_in,
                           const at::Tensor& y_in, at::IntArrayRef kernel_size,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups, double eps,
-                          const at::Tensor& scale_in, const at::Tensor& shift_in, double bn_eps,
-                          int64_t act) {
+                          const BnArgs* bn) {
   check_4d(op, "grad", grad_in);
   check_4d(op, "x", x_in);
   check_4d(op, "y", y_in);
@@ -422,7 +442,11 @@ at::Tensor conv_rule_cuda(const char* op, const at::Tensor& grad_in, const at::T
   check_floating(op, "x", x_in);
   check_same_device_dtype(op, "grad", grad_in, x_in);
   check_same_device_dtype(op, "y", y_in, x_in);
-  if (scale_in.defined()) check_bn_fold(op, y_in, scale_in, shift_in, act);
+  if (bn != nullptr) {
+    check_bn_params(op, y_in, bn->running_mean, bn->running_var, bn->weight, bn->bias, bn->act);
+  }
+  const double bn_eps = bn != nullptr ? bn->bn_eps : 0.0;
+  const int64_t act = bn != nullptr ? bn->act : kActNone;
   const Window2d win = make_window(op, kernel_size, stride, padding, dilation);
   TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
 
@@ -472,8 +496,26 @@ at::Tensor conv_rule_cuda(const char* op, const at::Tensor& grad_in, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsgb_conv2d_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor sc = scale_in.defined() ? scale_in.to(acc_type).contiguous() : at::Tensor();
-    const at::Tensor sh = shift_in.defined() ? shift_in.to(acc_type).contiguous() : at::Tensor();
+    at::Tensor sc, sh;
+    if (bn != nullptr) {  // scale / shift from the BN parameters (no-op casts in the usual case)
+      const int64_t Kc = y.size(1);
+      auto prep = [&](const at::Tensor& t) { return t.to(acc_type).contiguous(); };
+      const at::Tensor rm = prep(bn->running_mean), rv = prep(bn->running_var);
+      const bool has_w = bn->weight.has_value() && bn->weight->defined();
+      const bool has_b = bn->bias.has_value() && bn->bias->defined();
+      const at::Tensor w = has_w ? prep(*bn->weight) : at::Tensor();
+      const at::Tensor b = has_b ? prep(*bn->bias) : at::Tensor();
+      at::Tensor both = at::empty({2 * Kc}, x.options().dtype(acc_type));
+      sc = both.narrow(0, 0, Kc);
+      sh = both.narrow(0, Kc, Kc);
+      const unsigned int blocks = static_cast<unsigned int>((Kc + kThreads - 1) / kThreads);
+      bn_scale_shift_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
+          rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(),
+          has_w ? w.const_data_ptr<acc_t>() : nullptr, has_b ? b.const_data_ptr<acc_t>() : nullptr,
+          static_cast<acc_t>(bn_eps), Kc, sc.mutable_data_ptr<acc_t>(),
+          sh.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (use32) {
       run_conv2d_backward<scalar_t, int32_t>(cl, grad, x, y, gx, B, N, C, K, G, H, W, Ho, Wo,
                                              geom, eps, sc, sh, bn_eps, act, stream);
@@ -490,17 +532,20 @@ at::Tensor conv2d_backward_cuda(const at::Tensor& grad, const at::Tensor& x, con
                                 at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups, double eps) {
   return conv_rule_cuda("tsgb_ext.conv2d_backward", grad, x, y, kernel_size, stride, padding,
-                        dilation, groups, eps, at::Tensor(), at::Tensor(), 0.0, kActNone);
+                        dilation, groups, eps, nullptr);
 }
 
 at::Tensor conv2d_bn_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                   const at::Tensor& y, const at::Tensor& scale,
-                                   const at::Tensor& shift, double bn_eps, int64_t act,
-                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation,
-                                   int64_t groups, double eps) {
+                                   const at::Tensor& y, const at::Tensor& running_mean,
+                                   const at::Tensor& running_var,
+                                   const std::optional<at::Tensor>& bn_weight,
+                                   const std::optional<at::Tensor>& bn_bias, double bn_eps,
+                                   int64_t act, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t groups, double eps) {
+  const BnArgs bn{running_mean, running_var, bn_weight, bn_bias, bn_eps, act};
   return conv_rule_cuda("tsgb_ext.conv2d_bn_backward", grad, x, y, kernel_size, stride,
-                        padding, dilation, groups, eps, scale, shift, bn_eps, act);
+                        padding, dilation, groups, eps, &bn);
 }
 
 }  // namespace
