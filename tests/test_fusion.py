@@ -264,3 +264,51 @@ def test_cuda_graph_capture_of_a_tsgb_step():
             torch.cuda.synchronize()
             want = ex.attribute(x.detach(), 1)
             assert _rel(static, want) < 1e-6
+
+
+class SamePadConv(nn.Conv2d):
+    """TF-style "same" padding: pad, then F.conv2d with its own weight (EfficientNet-Lite)."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        ph = max((-(-ih // self.stride[0]) - 1) * self.stride[0] + kh - ih, 0)
+        pw = max((-(-iw // self.stride[1]) - 1) * self.stride[1] + kw - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class ScaledConv(nn.Conv2d):
+    """A subclass that changes its conv's result: must not be fused."""
+
+    def forward(self, x):
+        return 2 * F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                            self.groups)
+
+
+class SubclassNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(SamePadConv(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU6())
+        self.b = nn.Sequential(SamePadConv(8, 8, 5, groups=8), nn.BatchNorm2d(8), nn.ReLU6())
+        self.c = nn.Sequential(ScaledConv(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.c(self.b(self.a(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_subclasses_fused_through_their_conv2d_call(device):
+    torch.manual_seed(0)
+    model = _randomise_bn(SubclassNet()).double().to(device)
+    x = torch.randn(2, 3, 15, 17, dtype=torch.float64, device=device)
+    ex = tsgb_ext.TSGB(model, backend="native")
+    for _ in range(2):  # the second call takes the remembered decision for ScaledConv
+        fused = ex.attribute(x, 3)
+        blocks = [b for b in _plan(ex).graph_module.modules() if type(b).__name__ == "_FusedBlock"]
+        assert len(blocks) == 3
+        assert sorted(bool(b.__dict__.get("subclass_unfusable")) for b in blocks) == [False, False, True]
+        assert _rel(fused, tsgb_ext.TSGB(model, backend="hooks").attribute(x, 3)) < 1e-12
+        assert _rel(fused, _maps(model, x, 3, fuse=False)) < 1e-12

@@ -146,16 +146,59 @@ class _FusedBlock(nn.Module):
         self.__dict__.update(conv_=conv, bn_=bn, act_fn=act_fn, plan=plan)
         self.act = act
 
-    def forward(self, x):
-        conv, bn = self.conv_, self.bn_
-        backend = self.plan.conversion.backend
-        fused = getattr(backend, "conv2d_bn_act", None)
-        if fused is None:
-            y = bn(conv(x))
-            return self.act_fn(y) if self.act_fn is not None else y
-        x, padding = _conv_args(x, conv.weight, conv.padding, conv.dilation)
-        return fused(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups,
+    def _unfused(self, x):
+        y = self.bn_(self.conv_(x))  # the modules' converted forwards
+        return self.act_fn(y) if self.act_fn is not None else y
+
+    def _fused_call(self, fused, x, weight, bias, stride, padding, dilation, groups):
+        bn = self.bn_
+        x, padding = _conv_args(x, weight, padding, _pair(dilation))
+        return fused(x, weight, bias, _pair(stride), padding, _pair(dilation), groups,
                      bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, self.act)
+
+    def forward(self, x):
+        conv = self.conv_
+        fused = getattr(self.plan.conversion.backend, "conv2d_bn_act", None)
+        if fused is None or self.__dict__.get("subclass_unfusable"):
+            return self._unfused(x)
+        if not _overrides(conv, nn.Conv2d, "forward", "_conv_forward"):
+            return self._fused_call(fused, x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                    conv.dilation, conv.groups)
+        # A Conv2d subclass with its own forward (e.g. "same" padding: pad, then F.conv2d): run
+        # it, with its conv2d call (its own weight) replaced by the fused op. Fused only if that
+        # call's result is what the forward returns; otherwise this call and later ones run
+        # the modules one by one.
+        mode = _FusedConvInterceptor(self, fused)
+        with mode:
+            out = type(conv).forward(conv, x)
+        if mode.hits == 1 and out is mode.result:
+            return out
+        self.__dict__["subclass_unfusable"] = True
+        return self._unfused(x)
+
+
+class _FusedConvInterceptor(TorchFunctionMode):
+    """Inside a fused block's Conv2d subclass forward: its conv2d call with its own weight
+    becomes the block's fused conv -> BN -> activation op."""
+
+    def __init__(self, block: "_FusedBlock", fused: Callable):
+        super().__init__()
+        self.block, self.fused = block, fused
+        self.hits, self.result = 0, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d and self.hits == 0:
+            b = _bind_conv2d(args, kwargs)
+            if b["weight"] is self.block.conv_.weight and b["input"].dim() == 4:
+                self.hits += 1
+                self.result = self.block._fused_call(self.fused, b["input"], b["weight"], b["bias"],
+                                                     b["stride"], b["padding"], b["dilation"],
+                                                     b["groups"])
+                return self.result
+        elif func is torch.conv2d:
+            self.hits += 1
+        return func(*args, **kwargs)
 
 
 class _FusionPlan:
@@ -221,7 +264,10 @@ def _build_plan(model: nn.Module, fingerprint) -> _FusionPlan:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         conv = named.get(node.target)
-        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or len(node.users) != 1:
+        if not isinstance(conv, nn.Conv2d) or "forward" in conv.__dict__ or len(node.users) != 1:
+            continue
+        if conv.padding_mode != "zeros" and not _overrides(conv, nn.Conv2d, "forward",
+                                                           "_conv_forward"):
             continue
         (bn_node,) = node.users
         if bn_node.op != "call_module" or bn_node.args != (node,) or bn_node.kwargs:
