@@ -34,6 +34,8 @@ ROWS = {
     "native": "tsgb_ext backend='native' (compiled ops), model kept converted (with-block)",
     "native_unfused": "backend='native' with fuse=False (no conv -> BN -> ReLU fusion; A/B row)",
     "native_t5": "backend='native', 5 targets per image ((N, 5) target): one forward, 5 backwards",
+    "native_compile": "backend='native' with the converted model under torch.compile (default "
+                      "mode; the TSGB ops stay opaque custom ops in the compiled graph)",
     "native_percall": "backend='native', one un-converted call (conversion + restore included)",
 }
 DEFAULT_ROWS = ["forward", "gradient", "authors", "hooks", "hooks_compile", "native",
@@ -106,10 +108,11 @@ def make_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
         ex = tsgb_ext.TSGB(model, backend="native")
         return wrap(lambda: ex.attribute(x, target)), lambda: None, note
 
-    if name == "hooks_compile":
+    if name in ("hooks_compile", "native_compile"):
         # Convert (classifier named, so the patch is static and traceable), then compile the
         # converted model's forward; the explainer calls the compiled module.
-        ex = tsgb_ext.TSGB(model, backend="hooks", classifier=_classifier_name(model))
+        ex = tsgb_ext.TSGB(model, backend="hooks" if name == "hooks_compile" else "native",
+                           classifier=_classifier_name(model))
         ex.__enter__()
         orig = ex.model
         torch._dynamo.reset()

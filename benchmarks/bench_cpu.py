@@ -57,7 +57,7 @@ def run_timing(args) -> str:
     torch.set_num_threads(threads)
     rows = [r for r in args.rows.split(",") if r]
     if args.no_compile:
-        rows = [r for r in rows if r != "hooks_compile"]
+        rows = [r for r in rows if not r.endswith("_compile")]
     how = (f"{args.repeat} timed single calls" if args.repeat > 0
            else f"blocked_autorange(min_run_time={args.min_time})")
     head = header(threads, f"- timing: torch.utils.benchmark.Timer, median of {how}, after "
@@ -81,7 +81,7 @@ def run_timing(args) -> str:
                 note, cleanup = "", None
                 try:
                     fn, cleanup, note = make_row(row, model, x, t)
-                    warm = 1 if row == "hooks_compile" else 0
+                    warm = 1 if row.endswith("_compile") else 0
                     tc = time.perf_counter()
                     for _ in range(warm):
                         fn()
