@@ -6,6 +6,11 @@ same output with torch's own functional op but records a TSGB backward rule, and
 everything on exit: the instance ``forward`` attributes, ``inplace`` flags (turned off so
 that saved activations are not overwritten), training flags (the model is explained in eval
 mode) and parameters' ``requires_grad`` (off, so no parameter gradient is computed or stored).
+
+With a fusion cache (``TSGB(..., fuse=True)``, native backend) the model is also traced once
+with ``torch.fx``; each ``Conv2d -> BatchNorm2d (-> ReLU / ReLU6)`` chain whose intermediate
+results go nowhere else becomes one ``_FusedBlock`` call (the native ``conv2d_bn_act`` op), and
+the model's instance ``forward`` is the traced graph's for the duration of the conversion.
 """
 from __future__ import annotations
 
@@ -311,7 +316,6 @@ class Conversion:
         # conv -> BN -> activation fusion through a traced graph; None: off. The dict caches
         # the plan between conversions of the same module tree (key "plan").
         self.fusion_cache = fusion_cache
-        self.plan: Optional[_FusionPlan] = None
         self.backend = backend
         self.classifier = classifier
         self.names = names
@@ -482,7 +486,7 @@ class Conversion:
                 m.inplace = False
                 self._undo.append(lambda m=m: setattr(m, "inplace", True))
 
-        self._apply_fusion_plan(modules)
+        self._apply_fusion_plan()
         fused = self._fusable_pairs(modules)
         fused_relus = set(id(r) for r in fused.values())
         for m in modules:
@@ -505,7 +509,9 @@ class Conversion:
         if self.classifier is not None and not isinstance(self.classifier, nn.Linear):
             raise TypeError("classifier must be an nn.Linear")
 
-    def _apply_fusion_plan(self, modules) -> None:
+    def _apply_fusion_plan(self) -> None:
+        """Run the model through its traced graph with conv -> BN (-> act) chains fused (the
+        plan cached per module tree); the model's forward is restored like the others."""
         if self.fusion_cache is None:
             return
         fp = _fingerprint(self.model)
@@ -516,7 +522,6 @@ class Conversion:
         if plan.graph_module is None:
             return
         plan.conversion = self
-        self.plan = plan
         self._undo.append(lambda: setattr(plan, "conversion", None))
         self._set_forward(self.model, plan.graph_module.forward)
 
