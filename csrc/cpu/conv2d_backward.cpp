@@ -12,6 +12,10 @@
 // (plane, chunk of kChunk contiguous pixels) tasks, so inner loops stay long and vectorisable
 // also on the 7x7 planes of late layers.
 //
+// conv2d_bn_backward (a conv -> BN -> ReLU/ReLU6 block, csrc/ops.cpp) is the same kernel with
+// the products g * y of step 3 replaced by g * bn_act_factor(y) (common/tsgb_common.h): the BN
+// rule and the activation's gradient fold into the channel reduction, no extra pass.
+//
 // Intermediates use the layout [P][rows][cols][Ci] with Ci innermost: for NCHW activations
 // Ci = 1 and P = batch*G (one plane per group), for channels_last Ci = G and P = batch, so the
 // box sums run on contiguous spans in both cases.

@@ -13,6 +13,9 @@
 //   2. ratio: r = s / (box sum of a + eps) at output positions, in place over s.
 //   3. gather_sign: t = transposed box sum of r (gather form: for each tap, the output that
 //      covers this input, if the stride divides) fused with gx = sign(x) * t over x's channels.
+// conv2d_bn_backward (conv -> BN -> ReLU/ReLU6 block): kernel 1's products g * y become
+// g * bn_act_factor(y) with the BN's scale / shift from a one-block prologue kernel; nothing
+// else changes, no extra pass over activations.
 // Bytes: grad, y read once; x read twice (|x| reduction, sign); gx written once; the fp32
 // intermediates hold G channels (1 for groups == 1) per sample.
 //
