@@ -183,6 +183,35 @@ def _check_conv2d_backward(c, device, dtype):
     check_close(out, want, dtype, f"conv2d_backward {c}")
 
 
+# depthwise layers take one of two CPU paths by size (gather kernel for planes >= 56x56 with
+# windows up to 3x3, ATen ones-kernel convs otherwise): the property draws above are small, so
+# the large-plane path gets its own cases
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("cfg", [dict(k=[3, 3], s=[1, 1], p=[1, 1], d=[1, 1], Kg=1),
+                                 dict(k=[3, 3], s=[2, 2], p=[1, 0], d=[1, 1], Kg=2),
+                                 dict(k=[3, 1], s=[2, 1], p=[0, 0], d=[2, 1], Kg=1),
+                                 dict(k=[1, 1], s=[1, 3], p=[0, 0], d=[1, 1], Kg=1)])
+def test_depthwise_large_planes(cfg, fmt):
+    gen = gen_of(11)
+    N, C, H, W, T = 2, 4, 57, 61, 2
+    x = rand((N, C, H, W), gen, torch.float64, "cpu", zero_frac=0.2)
+    w = torch.randn((C * cfg["Kg"], 1, *cfg["k"]), generator=gen, dtype=torch.float64)
+    y = F.conv2d(x, w, None, cfg["s"], cfg["p"], cfg["d"], C)
+    g = rand((T * N,) + tuple(y.shape[1:]), gen, torch.float64, "cpu")
+    f = FORMATS[fmt]
+    out = ops.conv2d_backward(f(g), f(x), f(y), cfg["k"], cfg["s"], cfg["p"], cfg["d"], C, EPS)
+    want = ref.conv_rule(g, x, y, cfg["k"], cfg["s"], cfg["p"], cfg["d"], C, EPS)
+    check_close(out, want, torch.float64, f"depthwise large plane {cfg} {fmt}")
+    if HAS_CONV_BN:
+        rm, rv = torch.randn(y.shape[1], dtype=torch.float64), torch.rand(y.shape[1], dtype=torch.float64) + 0.5
+        out = ops.conv2d_bn_backward(f(g), f(x), f(y), rm, rv, None, None, 1e-3, 1, cfg["k"],
+                                     cfg["s"], cfg["p"], cfg["d"], C, EPS)
+        scale, shift = tsgb_hooks_rules.bn_scale_shift(rm, rv, None, None, 1e-3)
+        want = ref_conv_bn_rule(g, x, y, scale, shift, 1e-3, 1, cfg["k"], cfg["s"], cfg["p"],
+                                cfg["d"], C)
+        check_close(out, want, torch.float64, f"depthwise large plane, BN folded {cfg} {fmt}")
+
+
 # ---- conv2d_bn_backward vs the unfused rules (activation gradient, BN rule, conv rule) -------
 HAS_CONV_BN = hasattr(ops, "conv2d_bn_act")  # the fused conv -> BN -> activation ops, when built
 ACT_MASK = {0: lambda yb: torch.ones_like(yb, dtype=torch.bool), 1: lambda yb: yb > 0,

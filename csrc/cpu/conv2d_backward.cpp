@@ -90,6 +90,11 @@ void box_sum_forward(const src_t* a, acc_t* d, int64_t P, int64_t H, int64_t W, 
           if (lo >= hi) continue;
           if (win.sw == 1) {
             add_abs_span(drow + lo * Ci, arow + (lo + off) * Ci, (hi - lo) * Ci);
+          } else if (Ci == 1) {  // strided reads, one channel: a plain loop
+            const src_t* ap = arow + lo * win.sw + off;
+            for (int64_t ow = lo; ow < hi; ++ow, ap += win.sw) {
+              drow[ow] += std::abs(static_cast<acc_t>(*ap));
+            }
           } else {
             for (int64_t ow = lo; ow < hi; ++ow) {
               add_abs_span(drow + ow * Ci, arow + (ow * win.sw + off) * Ci, Ci);
@@ -123,8 +128,12 @@ inline void box_sum_transposed_row(const acc_t* r_plane, acc_t* trow, int64_t h,
         const int64_t rem = (lo + off) % win.sw;
         if (rem != 0) lo += win.sw - rem;
         const int64_t hi = std::min(W, Wo * win.sw - off);
-        for (int64_t w = lo; w < hi; w += win.sw) {
-          add_span(trow + w * Ci, rrow + ((w + off) / win.sw) * Ci, Ci);
+        if (lo >= hi) continue;
+        const acc_t* rp = rrow + ((lo + off) / win.sw) * Ci;  // then one output per stride
+        if (Ci == 1) {
+          for (int64_t w = lo; w < hi; w += win.sw) trow[w] += *rp++;
+        } else {
+          for (int64_t w = lo; w < hi; w += win.sw, rp += Ci) add_span(trow + w * Ci, rp, Ci);
         }
       }
     }
@@ -340,13 +349,14 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
 }
 
 // Depthwise convs (one input channel per group, G = C): the G-channel intermediates are as large
-// as x, and the box sums are depthwise convolutions with a ones kernel, which the gather loops
-// above run as scalar code. Here they go through ATen's conv ops on |x| and on r (a G-channel
-// ones kernel: not the layer's convolution, which is never recomputed): EfficientNet-Lite0,
-// batch 8, 2 cores, A/B in one session: median 412 ms against 481 ms per TSGB call. Still
-// well above the forward's depthwise convs (the transposed ones-conv takes ATen's slow path);
-// a vectorised depthwise gather kernel is the open item. Accumulation in float32 (float64 for
-// double).
+// as x, and the box sums are depthwise convolutions with a ones kernel. Here they go through
+// ATen's conv ops on |x| and on r (a G-channel ones kernel: not the layer's convolution, which
+// is never recomputed). Used for depthwise layers with windows above 3x3 or planes below 56x56;
+// the gather kernel above (strided loops without divisions) takes the large planes with 3x3
+// windows. EfficientNet-Lite0, batch 8, 2 cores, one process, interleaved calls: all conv rules
+// of a call 253 ms with this path for every depthwise layer, 198 ms with the gather kernel for
+// all, 162 ms split as above; whole call 420 / 383 / 340 ms. Accumulation in float32 (float64
+// for double).
 at::Tensor depthwise_backward_aten(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                    const Window2d& win, int64_t G, double eps,
                                    at::MemoryFormat fmt, const at::Tensor& scale,
@@ -456,7 +466,10 @@ at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tens
   const double bn_eps = bn != nullptr ? bn->bn_eps : 0.0;
   const int64_t act = bn != nullptr ? bn->act : kActNone;
 
-  if (groups > 1 && C == groups) {
+  // Depthwise: the gather kernel below wins on large planes with small windows, ATen's
+  // ones-kernel convs on the rest (EfficientNet-Lite0, batch 8, see depthwise_backward_aten).
+  const bool gather_wins = win.kh * win.kw <= 9 && H * W >= 56 * 56;
+  if (groups > 1 && C == groups && !gather_wins) {
     return depthwise_backward_aten(grad.contiguous(fmt), x.contiguous(fmt), y.contiguous(fmt),
                                    win, groups, eps, fmt, scale, shift, bn_eps, act);
   }
