@@ -227,7 +227,36 @@ def main(argv=None) -> int:
     lines = ["| model | dtype | row | median ms | images/s | x forward | peak MiB | note |",
              "|---|---|---|---|---|---|---|---|"]
     floors = []
-    fwd, med_of = {}, {}
+    fwd, med_of, peak_of = {}, {}, {}
+
+    def goals_table() -> str:
+        """Issue 4's goals per model and dtype, from this run's medians (and peaks)."""
+        out = ["| model | dtype | native / forward (<= 1.5) | native / gradient (<= 0.8) | "
+               "authors / native (>= 2) | hooks_compile / native (>= 1.5) | peak native / "
+               "gradient MiB (<=) | native images/s |", "|---|---|---|---|---|---|---|---|"]
+        for name in models:
+            for dname in dtypes:
+                m = {r: med_of.get((name, dname, r)) for r in
+                     ("forward", "gradient", "authors", "hooks_compile", "native")}
+                if m["native"] is None:
+                    continue
+
+                def ratio(a, b, goal, higher):
+                    if a is None or b is None:
+                        return "-"
+                    v = a / b
+                    ok = v >= goal if higher else v <= goal
+                    return f"{v:.2f} {'met' if ok else 'MISSED'}"
+                pn, pg = (peak_of.get((name, dname, r), "-") for r in ("native", "gradient"))
+                mem = "-"
+                if pn not in ("-", None) and pg not in ("-", None):
+                    mem = f"{pn} / {pg} {'met' if float(pn) <= float(pg) else 'MISSED'}"
+                out.append(f"| {name} | {dname} | {ratio(m['native'], m['forward'], 1.5, False)} "
+                           f"| {ratio(m['native'], m['gradient'], 0.8, False)} "
+                           f"| {ratio(m['authors'], m['native'], 2.0, True)} "
+                           f"| {ratio(m['hooks_compile'], m['native'], 1.5, True)} | {mem} "
+                           f"| {args.batch / m['native']:.0f} |")
+        return "\n".join(out) + "\n"
 
     def flush():
         text = head + "\n".join(lines) + "\n"
@@ -250,6 +279,7 @@ def main(argv=None) -> int:
                      "kind (GB) | fused backward bytes by op (GB) |\n"
                      "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
                      + "\n".join(floors) + "\n")
+        text += "\n## Goals (issue 4), this run\n\n" + goals_table()
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text)
@@ -280,6 +310,7 @@ def main(argv=None) -> int:
             med, _ = measure(fn, threads, 0, args.min_time, args.warmup)
             pk = peak_mib(fn, device)
             med_of[(name, dname, row)] = med
+            peak_of[(name, dname, row)] = pk
             if row == "forward":
                 fwd[(name, dname)] = med
             f0 = fwd.get((name, dname))
