@@ -237,12 +237,16 @@ class TSGB:
             t = tgt.shape[1] if tgt is not None else 1
             return x.new_zeros((0, t) + tuple(x.shape[2:]))
 
+        # the largest class id is read before the forward: reading it from a CUDA tensor
+        # between forward and backward would wait for the whole forward to finish
+        tmax = int(tgt.max()) if tgt is not None and tgt.numel() else -1
+
         def select(logits: torch.Tensor) -> torch.Tensor:
             if tgt is None:
                 return logits.argmax(1, keepdim=True)
             k = logits.shape[1]
-            if tgt.numel() and int(tgt.max()) >= k:
-                raise IndexError(f"target must be class indices in [0, {k}), got {int(tgt.max())}")
+            if tmax >= k:
+                raise IndexError(f"target must be class indices in [0, {k}), got {tmax}")
             return tgt
         return self._explain(x, select, None)[0]
 
