@@ -59,17 +59,19 @@ using PoolBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Te
                               IntArrayRef, IntArrayRef, IntArrayRef, bool, bool,
                               std::optional<int64_t>, double);
 
-// The eval-mode BatchNorm as an affine map per channel, y = x * scale + shift, computed exactly
-// as tsgb_hooks.rules.bn_scale_shift (float32 for half-precision statistics).
+// The eval-mode BatchNorm as an affine map per channel, y = x * scale + shift, as
+// tsgb_hooks.rules.bn_scale_shift computes it (float32 for half-precision statistics), in as
+// few launches as ATen allows (on a GPU each is a kernel launch per BN layer per call):
+// scale = rsqrt(var + eps) [* w], shift = b - mean * scale (or -mean * scale).
 std::tuple<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& rm, const at::Tensor& rv,
                                                   const OptTensor& w, const OptTensor& b,
                                                   double eps) {
   const auto st = rv.scalar_type();
   const auto cd = (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
-  at::Tensor scale = at::rsqrt(rv.to(cd) + eps);
-  if (w.has_value() && w->defined()) scale = scale * w->to(cd);
-  at::Tensor shift = -rm.to(cd) * scale;
-  if (b.has_value() && b->defined()) shift = shift + b->to(cd);
+  at::Tensor scale = at::rsqrt(rv.to(cd).add(eps));
+  if (w.has_value() && w->defined()) scale.mul_(w->to(cd));
+  at::Tensor shift = (b.has_value() && b->defined()) ? at::addcmul(b->to(cd), rm.to(cd), scale, -1)
+                                                     : rm.to(cd).mul(scale).neg_();
   return {scale, shift};
 }
 
