@@ -71,6 +71,26 @@ timeout $T_BENCH python benchmarks/bench_gpu.py $BENCH_ARGS --out "$OUT/gpu_resu
 rc=$?; echo "bench_gpu exit $rc (124 = timed out; the table holds the rows done)"
 tail -3 "$OUT/bench_gpu.log"
 
+# compute-sanitizer memcheck of every CUDA op, only with time left (the device tool allows
+# 600 s per command): skipped in QUICK mode or past 420 s
+elapsed=$(( $(date +%s) - T0 ))
+NVCC_BIN="$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")")"
+SAN=""
+for cand in "$NVCC_BIN/compute-sanitizer" "$NVCC_BIN/../compute-sanitizer/compute-sanitizer" \
+            "$(command -v compute-sanitizer 2>/dev/null)"; do
+  if [ -n "$cand" ] && [ -x "$cand" ]; then SAN="$cand"; break; fi
+done
+if [ "$QUICK" != 1 ] && [ "$elapsed" -lt 420 ] && [ -n "$SAN" ] && [ -x "$SAN" ]; then
+  t_san=$(( 540 - elapsed )); [ "$t_san" -gt 90 ] && t_san=90
+  step "compute-sanitizer memcheck of the CUDA ops (timeout $t_san s)"
+  timeout $t_san "$SAN" --tool memcheck --error-exitcode 9 python benchmarks/memcheck_ops.py \
+    > "$OUT/memcheck.txt" 2>&1
+  rc=$?; tail -4 "$OUT/memcheck.txt"; echo "memcheck exit $rc (9 = errors found, 124 = timed out)"
+  [ "$rc" = 0 ] || [ "$rc" = 124 ] || status=1
+else
+  step "compute-sanitizer memcheck skipped (QUICK=$QUICK, ${elapsed} s elapsed, sanitizer '${SAN}')"
+fi
+
 step "results"
 cat "$OUT/gpu_results.md" 2>/dev/null || echo "no table written"
 step "done (status $status)"
