@@ -136,6 +136,16 @@ C10_HOST_DEVICE inline acc_t bn_act_factor(acc_t y, acc_t scale, acc_t shift, ac
                             : bn_act_factor_t<kActNone>(y, scale, shift, bn_eps);
 }
 
+// The BN arguments of conv2d_bn_backward (CPU and CUDA entry points).
+struct BnArgs {
+  const at::Tensor& running_mean;
+  const at::Tensor& running_var;
+  const std::optional<at::Tensor>& weight;
+  const std::optional<at::Tensor>& bias;
+  double bn_eps;
+  int64_t act;
+};
+
 // Checks of the BN arguments of conv2d_bn_backward against y's channel count K.
 inline void check_bn_params(const char* op, const at::Tensor& y, const at::Tensor& running_mean,
                             const at::Tensor& running_var,

@@ -411,15 +411,6 @@ std::pair<at::Tensor, at::Tensor> bn_scale_shift_cpu(const at::Tensor& rm, const
 }
 
 // Shared by conv2d_backward and conv2d_bn_backward (bn given: BN + activation folded in).
-struct BnArgs {
-  const at::Tensor& running_mean;
-  const at::Tensor& running_var;
-  const std::optional<at::Tensor>& weight;
-  const std::optional<at::Tensor>& bias;
-  double bn_eps;
-  int64_t act;
-};
-
 at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tensor& x,
                          const at::Tensor& y, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

@@ -422,16 +422,6 @@ void run_conv2d_backward(bool cl, const at::Tensor& grad, const at::Tensor& x,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The BN arguments of conv2d_bn_backward.
-struct BnArgs {
-  const at::Tensor& running_mean;
-  const at::Tensor& running_var;
-  const std::optional<at::Tensor>& weight;
-  const std::optional<at::Tensor>& bias;
-  double bn_eps;
-  int64_t act;
-};
-
 // Shared by conv2d_backward and conv2d_bn_backward (bn given: BN + activation folded in).
 at::Tensor conv_rule_cuda(const char* op, const at::Tensor& grad_in, const at::Tensor& x_in,
                           const at::Tensor& y_in, at::IntArrayRef kernel_size,
