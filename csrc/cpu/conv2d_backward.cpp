@@ -27,7 +27,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "common/tsgb_common.h"
@@ -256,12 +255,11 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
         const scalar_t* ypix = yp + (n * HoWo + po) * K;
         const acc_t* dpix = d + (n * HoWo + po) * G;
         acc_t* rpix = r + pix * G;
-        // product of channel k: g * y, or g * (BN + activation factor of y)
-        auto prod = [&](int64_t k) -> acc_t {
-          const acc_t yv = static_cast<acc_t>(ypix[k]);
+        // product of channel k with the BN + activation folded in: g * bn_act_factor(y)
+        auto folded = [&](int64_t k) -> acc_t {
           return static_cast<acc_t>(gpix[k]) *
-                 (bn == nullptr ? yv
-                                : bn_act_factor(yv, bn->scale[k], bn->shift[k], bn->bn_eps, bn->act));
+                 bn_act_factor(static_cast<acc_t>(ypix[k]), bn->scale[k], bn->shift[k],
+                               bn->bn_eps, bn->act);
         };
         if (Kg == 1 && bn == nullptr) {  // one output channel per group: a contiguous vector loop
           for (int64_t g = 0; g < G; ++g) {
@@ -276,7 +274,7 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
             const scalar_t* yk = ypix + g * Kg;
             for (int64_t k = 0; k < Kg; ++k) s += static_cast<acc_t>(gk[k]) * static_cast<acc_t>(yk[k]);
           } else {
-            for (int64_t k = g * Kg; k < (g + 1) * Kg; ++k) s += prod(k);
+            for (int64_t k = g * Kg; k < (g + 1) * Kg; ++k) s += folded(k);
           }
           rpix[g] = s / (dpix[g] + eps);
         }
