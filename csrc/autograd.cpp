@@ -194,7 +194,6 @@ struct BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     }
     auto [scale, shift] = bn_scale_shift(running_mean, running_var, weight, bias, eps);
     ctx->save_for_backward({x, scale, shift});  // not y: it is often changed in place later
-    ctx->saved_data["eps"] = eps;
     return y;
   }
 
@@ -203,7 +202,8 @@ struct BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     if (!grads[0].defined()) return variable_list(6);
     static const auto bwd = handle<BnBwdSig>("tsgb_ext::batch_norm_backward");
     return with_undefined(
-        bwd.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["eps"].toDouble()), 6);
+        // the rule divides by x + 1e-10 (the spec's eps); the module's eps is inside scale only
+        bwd.call(grads[0], saved[0], saved[1], saved[2], kEps), 6);
   }
 };
 

@@ -124,15 +124,17 @@ TORCH_LIBRARY(tsgb_ext, m) {
   m.def("conv2d_backward(Tensor grad, Tensor x, Tensor y, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, float eps) -> Tensor");
   // The conv rule of a conv -> BN (eval) -> activation block, from the gradient at the block's
-  // output: the conv rule with g_conv * y = g * m(yb) * yb * y / (y + bn_eps), yb = y * scale +
-  // shift (the BN's per-channel affine map, computed from its parameters inside the kernels),
-  // m the activation's gradient mask (act 0 none, 1 ReLU, 2 ReLU6). y: conv output.
+  // output: the conv rule with g_conv * y = g * m(yb) * yb * y / (y + eps), yb = y * scale +
+  // shift (the BN's per-channel affine map, computed from its parameters and bn_eps inside the
+  // kernels: bn_eps is used there only), m the activation's gradient mask (act 0 none, 1 ReLU,
+  // 2 ReLU6). y: conv output. eps (1e-10) stabilises both divisions of the block.
   m.def("conv2d_bn_backward(Tensor grad, Tensor x, Tensor y, Tensor running_mean, "
         "Tensor running_var, Tensor? bn_weight, Tensor? bn_bias, float bn_eps, int act, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, "
         "float eps) -> Tensor");
   // BatchNorm: gx = g * y / (x + eps), with y = x * scale[c] + shift[c] recomputed in
-  // registers (the eval-mode BN is that affine map), so y is never stored or re-read.
+  // registers (the eval-mode BN is that affine map), so y is never stored or re-read. eps is
+  // the spec's 1e-10, not the module's eps (which is inside scale, as in the forward).
   m.def("batch_norm_backward(Tensor grad, Tensor x, Tensor scale, Tensor shift, float eps) "
         "-> Tensor");
   // AvgPool2d: gx = avg_pool2d_backward(g * y) / (x + eps).

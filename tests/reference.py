@@ -1,25 +1,48 @@
-"""The oracle: a literal float64 transcription of TSGB_SPEC.md, written independently of the
-backends (unfold-based, per output channel k, no channel-summed shortcut).
+"""The oracle: a literal float64 transcription of TSGB_SPEC.md, independent of the backends.
 
-``ReferenceBackend`` plugs these rules into the same model conversion, so a model converted with
-it computes the spec's saliency in float64.
+Nothing here imports tsgb_ext or tsgb_hooks. The rules are unfold-based, per output channel k
+(no channel-summed shortcut), and the saliency map is computed by this module's own model
+patching, from the spec alone:
+
+* which calls get a rule: inside the forward of every ``nn.Conv2d`` (any subclass) each
+  ``conv2d`` call, inside every ``nn.BatchNorm2d`` each ``batch_norm`` call, inside every
+  ``nn.AvgPool2d`` each ``avg_pool2d`` call, inside the classifier (the last ``nn.Linear`` the
+  forward runs, found by a first forward pass) its ``linear`` call. The calls are caught with a
+  ``TorchFunctionMode`` active only while that module's own forward runs, so a subclass that
+  pads (TF "same" padding) or calls the functional op itself is covered as the spec's layer;
+  a padding module's ordinary gradient folds padded positions back;
+* every other operation keeps its ordinary autograd gradient;
+* several targets: one backward per target (no tiling, no shared graph tricks);
+* map = sum over colour channels of gx * x.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 EPS = 1e-10
+COMPUTE = torch.float64
+"""The rules' arithmetic dtype (``saliency(..., rule_dtype=torch.float32)`` makes the whole
+transcription float32: the yardstick of what float32 arithmetic costs on a model)."""
+
+
+def _c(*ts):
+    return tuple(t.to(COMPUTE) for t in ts)
 
 
 def _tile(t, b):
     return t.repeat((b // t.shape[0],) + (1,) * (t.dim() - 1)) if b != t.shape[0] else t
 
 
+# ---- the four rules, float64 ------------------------------------------------------------------
 def conv_rule(g, x, y, kernel_size, stride, padding, dilation, groups, eps=EPS):
     """D[k,o] = sum_{c in group(k), i in window(o)} |x[c,i]|; R = g*y/(D+eps);
     gx[c,i] = sign(x[c,i]) * sum_{k in group(c), o: i in window(o)} R[k,o]."""
-    g, x, y = g.double(), x.double(), y.double()
+    g, x, y = _c(g, x, y)
     B = g.shape[0]
     x, y = _tile(x, B), _tile(y, B)
     N, C, H, W = x.shape
@@ -38,15 +61,27 @@ def conv_rule(g, x, y, kernel_size, stride, padding, dilation, groups, eps=EPS):
     return x.sign() * t
 
 
-def bn_rule(g, x, y, eps):
-    g, x, y = g.double(), x.double(), y.double()
+def bn_rule(g, x, y, eps=EPS):
+    """gx = g * y / (x + 1e-10); y is the module's own eval output (its eps inside the sqrt)."""
+    g, x, y = _c(g, x, y)
     B = g.shape[0]
     return g * _tile(y, B) / (_tile(x, B) + eps)
 
 
+def bn_eval(x, running_mean, running_var, weight, bias, module_eps):
+    """The eval BatchNorm written out: (x - mean) / sqrt(var + module_eps) * weight + bias."""
+    v = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
+    y = (x.double() - v(running_mean)) / torch.sqrt(v(running_var) + module_eps)
+    if weight is not None:
+        y = y * v(weight)
+    if bias is not None:
+        y = y + v(bias)
+    return y
+
+
 def avgpool_rule(g, x, y, kernel_size, stride, padding, ceil_mode, count_include_pad,
                  divisor_override, eps=EPS):
-    g, x, y = g.double(), x.double(), y.double()
+    g, x, y = _c(g, x, y)
     B = g.shape[0]
     x, y = _tile(x, B), _tile(y, B)
     # avg_pool2d_backward(g*y) is the vector-Jacobian product of avg_pool2d
@@ -59,7 +94,7 @@ def avgpool_rule(g, x, y, kernel_size, stride, padding, ceil_mode, count_include
 
 
 def fc_rule(g, x, W, eps=EPS):
-    g, x, W = g.double(), x.double(), W.double()
+    g, x, W = _c(g, x, W)
     x = _tile(x, g.shape[0])
     Wp, Wn = W.clamp(min=0), W.clamp(max=0)
     zp, zn = x @ Wp.T, x @ Wn.T
@@ -69,106 +104,168 @@ def fc_rule(g, x, W, eps=EPS):
     return g @ Wp + (g * beta) @ Wn
 
 
-class _Conv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, stride, padding, dilation, groups):
-        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, y)
-        ctx.args = (tuple(w.shape[2:]), stride, padding, dilation, groups)
-        return y
+# ---- autograd functions: output = the op's own output, backward = the rule -------------------
+class _Rule(torch.autograd.Function):
+    """y = the op's output (computed outside); backward sends rule(g) to x only."""
 
     @staticmethod
-    def backward(ctx, g):
-        x, y = ctx.saved_tensors
-        return (conv_rule(g, x, y, *ctx.args).to(g.dtype),) + (None,) * 6
-
-
-class _BN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, rm, rv, w, b, eps):
-        y = F.batch_norm(x, rm, rv, w, b, False, 0.0, eps)
-        ctx.save_for_backward(x, y.clone())
-        ctx.eps = eps
-        return y
+    def forward(ctx, x, y, rule):
+        ctx.save_for_backward(x, y.clone())  # the model may change y in place later
+        ctx.rule = rule
+        return y.clone()
 
     @staticmethod
     def backward(ctx, g):
         x, y = ctx.saved_tensors
-        return (bn_rule(g, x, y, ctx.eps).to(g.dtype),) + (None,) * 5
+        return ctx.rule(g, x, y).to(g.dtype), None, None
 
 
-class _Pool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, *args):
-        y = F.avg_pool2d(x, *args)
-        ctx.save_for_backward(x, y)
-        ctx.args = args
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, y = ctx.saved_tensors
-        return (avgpool_rule(g, x, y, *ctx.args).to(g.dtype),) + (None,) * 6
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
-class _FC(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        return F.linear(x, w, b)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        return fc_rule(g, x, w).to(g.dtype), None, None
+def _arg(args, kwargs, i, name, default=None):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
 
 
-class ReferenceBackend:
-    name = "reference"
+class _Catch(TorchFunctionMode):
+    """Replaces the backward of one functional op, while one module's own forward runs."""
 
-    @staticmethod
-    def conv2d(x, w, b, stride, padding, dilation, groups):
-        return _Conv.apply(x, w, b, tuple(stride), tuple(padding), tuple(dilation), groups)
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
 
-    @staticmethod
-    def batch_norm(x, rm, rv, w, b, eps):
-        return _BN.apply(x, rm, rv, w, b, eps)
+    MATCH = {"conv": (F.conv2d,), "bn": (F.batch_norm,), "pool": (F.avg_pool2d,),
+             "fc": (F.linear,)}
 
-    @staticmethod
-    def avg_pool2d(x, k, s, p, ceil_mode, cip, div):
-        return _Pool.apply(x, tuple(k), tuple(s), tuple(p), ceil_mode, cip, div)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.MATCH[self.kind]:
+            return func(*args, **kwargs)  # every other op: its ordinary gradient
+        with torch.no_grad():
+            y = func(*args, **kwargs)
+        if self.kind == "conv":
+            x, w = args[0], _arg(args, kwargs, 1, "weight")
+            stride = _pair(_arg(args, kwargs, 3, "stride", 1))
+            padding = _arg(args, kwargs, 4, "padding", 0)
+            dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
+            groups = _arg(args, kwargs, 6, "groups", 1)
+            if isinstance(padding, str):  # 'same' / 'valid': pad explicitly, as ATen does
+                pads = []
+                for d, k in zip(reversed(dilation), reversed(w.shape[2:])):
+                    total = 0 if padding == "valid" else d * (k - 1)
+                    pads += [total // 2, total - total // 2]
+                xp = F.pad(x, pads)
+                rule = lambda g, a, b: conv_rule(g, a, b, tuple(w.shape[2:]), stride, (0, 0),  # noqa
+                                                 dilation, groups)
+                return _Rule.apply(xp, y, rule)
+            padding = _pair(padding)
+            rule = lambda g, a, b: conv_rule(g, a, b, tuple(w.shape[2:]), stride, padding,  # noqa
+                                             dilation, groups)
+            return _Rule.apply(x, y, rule)
+        if self.kind == "bn":
+            return _Rule.apply(args[0], y, bn_rule)
+        if self.kind == "pool":
+            x = args[0]
+            k = _pair(_arg(args, kwargs, 1, "kernel_size"))
+            s = _arg(args, kwargs, 2, "stride", None)
+            s = k if s is None or (not isinstance(s, int) and len(s) == 0) else _pair(s)
+            p = _pair(_arg(args, kwargs, 3, "padding", 0))
+            cm = _arg(args, kwargs, 4, "ceil_mode", False)
+            cip = _arg(args, kwargs, 5, "count_include_pad", True)
+            div = _arg(args, kwargs, 6, "divisor_override", None)
+            rule = lambda g, a, b: avgpool_rule(g, a, b, k, s, p, cm, cip, div)  # noqa: E731
+            return _Rule.apply(x, y, rule)
+        x, w = args[0], _arg(args, kwargs, 1, "weight")  # fc
+        return _Rule.apply(x, y, lambda g, a, b: fc_rule(g, a, w))
 
-    @staticmethod
-    def linear(x, w, b):
-        return _FC.apply(x, w, b)
 
-    @staticmethod
-    def linear_rule(g, x, w):
-        return fc_rule(g, x, w).to(g.dtype)
+def _classifier(model, x):
+    """The last nn.Linear the forward pass runs."""
+    order = []
+    hs = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
+          for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    if not order:
+        raise ValueError("reference: the model runs no nn.Linear")
+    return order[-1]
 
 
-REFERENCE = ReferenceBackend()
+def _patch(model, classifier):
+    for m in model.modules():
+        kind = ("conv" if isinstance(m, nn.Conv2d) else "bn" if isinstance(m, nn.BatchNorm2d)
+                else "pool" if isinstance(m, nn.AvgPool2d) else "fc" if m is classifier else None)
+        if kind is None:
+            continue
+
+        def fwd(*a, _m=m, _kind=kind, **kw):
+            with _Catch(_kind):
+                return type(_m).forward(_m, *a, **kw)
+        m.forward = fwd
+
+
+def _targets(target, logits):
+    N = logits.shape[0]
+    if target is None:
+        return logits.argmax(1).view(N, 1)
+    t = torch.as_tensor(target, dtype=torch.long)
+    if t.dim() == 0:
+        return t.expand(N).reshape(N, 1)
+    return t.view(N, 1) if t.dim() == 1 else t.view(N, -1)
+
+
+def saliency(model, x, target, dtype=torch.float64, rule_dtype=torch.float64):
+    """The spec's map on a private copy of ``model`` in ``dtype``, the rules computed in
+    ``rule_dtype``. Returns (N, T, H, W) for (N, T) targets, else (N, 1, H, W), as float64."""
+    global COMPUTE
+    old, COMPUTE = COMPUTE, rule_dtype
+    try:
+        return _saliency(model, x, target, dtype)
+    finally:
+        COMPUTE = old
+
+
+def _saliency(model, x, target, dtype):
+    m = copy.deepcopy(model).to(dtype).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for mod in m.modules():  # saved activations must not be overwritten
+        if hasattr(mod, "inplace"):
+            mod.inplace = False
+    xx = x.detach().to(dtype)
+    classifier = _classifier(m, xx)
+    _patch(m, classifier)
+    xx = xx.clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = m(xx)
+    tg = _targets(target, logits.detach())
+    maps = []
+    for j in range(tg.shape[1]):
+        onehot = torch.zeros_like(logits).scatter_(1, tg[:, j:j + 1].to(logits.device), 1.0)
+        (gx,) = torch.autograd.grad(logits, xx, onehot, retain_graph=True)
+        maps.append((gx.double() * xx.detach().double()).sum(1, keepdim=True))
+    t = torch.as_tensor(target) if target is not None else None
+    multi = t is not None and t.dim() == 2
+    return torch.cat(maps, 1) if multi else maps[0]
+
+
+def reference_saliency(model, x, target):
+    """The spec's map in float64: model and x as float64 copies."""
+    return saliency(model, x, target, torch.float64)
 
 
 def reference_saliency_same_forward(model, x, target):
     """The literal rules, computed in float64, on the model's own (e.g. float32) forward."""
-    import tsgb_ext
-    ex = tsgb_ext.TSGB(model, backend="hooks")
-    ex._backend_for = lambda device: REFERENCE
-    return ex.attribute(x, target)
+    return saliency(model, x, target, x.dtype)
 
 
-def reference_saliency(model, x, target):
-    """The spec's map in float64: model and x are converted to double copies."""
-    import copy
-
-    import tsgb_ext
-    m64 = copy.deepcopy(model).double().eval()
-    ex = tsgb_ext.TSGB(m64, backend="hooks")
-    orig = ex._backend_for
-
-    ex._backend_for = lambda device: REFERENCE  # the same conversion, the literal rules
-    try:
-        return ex.attribute(x.double(), target)
-    finally:
-        ex._backend_for = orig
+def plain_float32_saliency(model, x, target):
+    """The whole transcription in float32 (forward and rules): a float32 map's yardstick."""
+    return saliency(model, x, target, torch.float32, torch.float32)

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 namespace tsgb {
 
@@ -93,6 +94,26 @@ inline int64_t pool_out_size(int64_t in, int64_t k, int64_t s, int64_t p, bool c
 // Ceiling division for a >= 0, b > 0.
 inline int64_t ceil_div_nonneg(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The one cast of a result from the accumulation type to the stored type. Values beyond a
+// half type's range saturate to its largest finite value instead of becoming inf (the rules
+// divide by x + 1e-10, so a float32-finite result can exceed float16's 65504); NaN stays NaN.
+// Float and double cast plainly. (CUDA's cuda_detail::store_cast is the device twin.)
+template <typename T, typename A>
+C10_HOST_DEVICE inline T saturate_cast(A v) {
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    constexpr float kMax = std::is_same_v<T, c10::Half> ? 65504.0f : 3.38953139e38f;
+    const float f = static_cast<float>(v);
+    return static_cast<T>(f > kMax ? kMax : (f < -kMax ? -kMax : f));
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// The largest finite value of a half type (for ATen-op paths that clamp before casting).
+inline double half_type_max(at::ScalarType t) {
+  return t == at::kHalf ? 65504.0 : (t == at::kBFloat16 ? 3.38953139e38 : 0.0);
+}
+
 }  // namespace tsgb
 
 namespace tsgb {
@@ -105,35 +126,37 @@ template <typename acc_t>
 struct BnFold {
   const acc_t* scale;  // (K,) eval BN as an affine map: yb = y * scale[k] + shift[k]
   const acc_t* shift;
-  acc_t bn_eps;        // the BN module's own eps
+  acc_t div_eps;       // the BN rule's divisor stabiliser: the spec's eps (1e-10), never the
+                       // module's eps (that one is inside scale, i.e. inside the forward)
   int64_t act;         // BnAct
 };
 
 // The conv rule's product g_conv * y for a conv -> BN -> activation block, from the gradient
 // g at the block's output (shared/TSGB_SPEC.md, relevance view). The BN rule sends
-// g_bn * yb / (y + bn_eps) to the conv output y, and the activation's ordinary gradient is
+// g_bn * yb / (y + 1e-10) to the conv output y (the spec's eps, not the module's: the module's
+// eps is inside scale), and the activation's ordinary gradient is
 // g_bn = g * m(yb), m = 1 (none), 1[yb > 0] (ReLU), 1[0 < yb < 6] (ReLU6), so
-//   g_conv * y = g * f,   f = m(yb) * yb * y / (y + bn_eps),   yb = y * scale + shift.
+//   g_conv * y = g * f,   f = m(yb) * yb * y / (y + div_eps),   yb = y * scale + shift.
 // The mask selects yb before the division (a select of values, so CPU loops vectorise); the
-// result is what the unfused rules give, also where y + bn_eps == 0.
+// result is what the unfused rules give, also where y + div_eps == 0.
 template <int64_t ACT, typename acc_t>
-C10_HOST_DEVICE inline acc_t bn_act_factor_t(acc_t y, acc_t scale, acc_t shift, acc_t bn_eps) {
+C10_HOST_DEVICE inline acc_t bn_act_factor_t(acc_t y, acc_t scale, acc_t shift, acc_t div_eps) {
   acc_t yb = y * scale + shift;
   if constexpr (ACT == kActRelu) {
     yb = yb > acc_t(0) ? yb : acc_t(0);
   } else if constexpr (ACT == kActRelu6) {
     yb = (yb > acc_t(0)) & (yb < acc_t(6)) ? yb : acc_t(0);
   }
-  return yb * y / (y + bn_eps);
+  return yb * y / (y + div_eps);
 }
 
 // The same with the activation chosen at run time.
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t bn_act_factor(acc_t y, acc_t scale, acc_t shift, acc_t bn_eps,
+C10_HOST_DEVICE inline acc_t bn_act_factor(acc_t y, acc_t scale, acc_t shift, acc_t div_eps,
                                            int64_t act) {
-  return act == kActRelu    ? bn_act_factor_t<kActRelu>(y, scale, shift, bn_eps)
-         : act == kActRelu6 ? bn_act_factor_t<kActRelu6>(y, scale, shift, bn_eps)
-                            : bn_act_factor_t<kActNone>(y, scale, shift, bn_eps);
+  return act == kActRelu    ? bn_act_factor_t<kActRelu>(y, scale, shift, div_eps)
+         : act == kActRelu6 ? bn_act_factor_t<kActRelu6>(y, scale, shift, div_eps)
+                            : bn_act_factor_t<kActNone>(y, scale, shift, div_eps);
 }
 
 // The BN arguments of conv2d_bn_backward (CPU and CUDA entry points).

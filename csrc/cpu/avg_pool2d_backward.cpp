@@ -108,7 +108,7 @@ void avg_pool2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, con
       const scalar_t* xrow = xp + (pn * H + h) * W * Ci;
       scalar_t* orow = gxp + idx * W * Ci;
       for (int64_t j = 0; j < W * Ci; ++j) {
-        orow[j] = static_cast<scalar_t>(acc[j] / (static_cast<acc_t>(xrow[j]) + eps));
+        orow[j] = saturate_cast<scalar_t>(acc[j] / (static_cast<acc_t>(xrow[j]) + eps));
       }
     }
   });

@@ -43,7 +43,7 @@ void batch_norm_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
         scalar_t* o = gxp + row * HW;
         for (int64_t i = 0; i < HW; ++i) {
           const acc_t xv = static_cast<acc_t>(xr[i]);
-          o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * (xv * s + t) / (xv + eps));
+          o[i] = saturate_cast<scalar_t>(static_cast<acc_t>(g[i]) * (xv * s + t) / (xv + eps));
         }
       }
     });
@@ -57,7 +57,7 @@ void batch_norm_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
         scalar_t* o = gxp + row * C;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xv = static_cast<acc_t>(xr[c]);
-          o[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * (xv * sc[c] + sh[c]) / (xv + eps));
+          o[c] = saturate_cast<scalar_t>(static_cast<acc_t>(g[c]) * (xv * sc[c] + sh[c]) / (xv + eps));
         }
       }
     });

@@ -232,7 +232,7 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
             }
           } else {
             const int64_t kk = g * Kg + k;
-            const acc_t sc = bn->scale[kk], sh = bn->shift[kk], be = bn->bn_eps;
+            const acc_t sc = bn->scale[kk], sh = bn->shift[kk], be = bn->div_eps;
             if (bn->act == kActRelu) {
               add_folded_span<kActRelu>(sseg, gseg, yseg, len, sc, sh, be);
             } else if (bn->act == kActRelu6) {
@@ -259,7 +259,7 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
         auto folded = [&](int64_t k) -> acc_t {
           return static_cast<acc_t>(gpix[k]) *
                  bn_act_factor(static_cast<acc_t>(ypix[k]), bn->scale[k], bn->shift[k],
-                               bn->bn_eps, bn->act);
+                               bn->div_eps, bn->act);
         };
         if (Kg == 1 && bn == nullptr) {  // one output channel per group: a contiguous vector loop
           for (int64_t g = 0; g < G; ++g) {
@@ -305,7 +305,7 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
         scalar_t* gxseg = gxp + (b * C + g * Cg) * HW + i0;
         for (int64_t c = 0; c < Cg; ++c, xseg += HW, gxseg += HW) {
           for (int64_t i = 0; i < len; ++i) {
-            gxseg[i] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xseg[i])) * tseg[i]);
+            gxseg[i] = saturate_cast<scalar_t>(sign_of(static_cast<acc_t>(xseg[i])) * tseg[i]);
           }
         }
       }
@@ -326,17 +326,17 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
           if (G == 1) {
             const acc_t tv = tpix[0];
             for (int64_t c = 0; c < C; ++c) {
-              gpix[c] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xpix[c])) * tv);
+              gpix[c] = saturate_cast<scalar_t>(sign_of(static_cast<acc_t>(xpix[c])) * tv);
             }
           } else if (Cg == 1) {
             for (int64_t c = 0; c < C; ++c) {
-              gpix[c] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xpix[c])) * tpix[c]);
+              gpix[c] = saturate_cast<scalar_t>(sign_of(static_cast<acc_t>(xpix[c])) * tpix[c]);
             }
           } else {
             for (int64_t g = 0; g < G; ++g) {
               const acc_t tv = tpix[g];
               for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-                gpix[c] = static_cast<scalar_t>(sign_of(static_cast<acc_t>(xpix[c])) * tv);
+                gpix[c] = saturate_cast<scalar_t>(sign_of(static_cast<acc_t>(xpix[c])) * tv);
               }
             }
           }
@@ -358,7 +358,7 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
 at::Tensor depthwise_backward_aten(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                    const Window2d& win, int64_t G, double eps,
                                    at::MemoryFormat fmt, const at::Tensor& scale,
-                                   const at::Tensor& shift, double bn_eps, int64_t act) {
+                                   const at::Tensor& shift, int64_t act) {
   const int64_t B = grad.size(0), N = x.size(0), H = x.size(2), W = x.size(3);
   const int64_t K = y.size(1), Ho = y.size(2), Wo = y.size(3), Kg = K / G, T = B / N;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -367,11 +367,11 @@ at::Tensor depthwise_backward_aten(const at::Tensor& grad, const at::Tensor& x, 
   const std::vector<int64_t> st{win.sh, win.sw}, pd{win.ph, win.pw}, dl{win.dh, win.dw};
   at::Tensor d = at::conv2d(xa.abs(), ones, {}, st, pd, dl, G);  // (N, G, Ho, Wo)
   at::Tensor ya = y.to(acc);
-  if (scale.defined()) {  // BN + activation folded in: g * m(yb) * yb * y / (y + bn_eps)
+  if (scale.defined()) {  // BN + activation folded in: g * m(yb) * yb * y / (y + eps)
     at::Tensor yb = ya * scale.to(acc).view({1, K, 1, 1}) + shift.to(acc).view({1, K, 1, 1});
     if (act == kActRelu) yb = at::where(yb > 0, yb, at::zeros({}, yb.options()));
     if (act == kActRelu6) yb = at::where((yb > 0).logical_and_(yb < 6), yb, at::zeros({}, yb.options()));
-    ya = yb.mul_(ya).div_(ya + bn_eps);  // bn_act_factor_t, elementwise
+    ya = yb.mul_(ya).div_(ya + eps);  // bn_act_factor_t, elementwise
   }
   at::Tensor gy = grad.to(acc) * (T == 1 ? ya : ya.repeat({T, 1, 1, 1}));
   at::Tensor s = Kg == 1 ? gy : gy.reshape({B, G, Kg, Ho, Wo}).sum(2);
@@ -381,7 +381,12 @@ at::Tensor depthwise_backward_aten(const at::Tensor& grad, const at::Tensor& x, 
   const int64_t opw = W - ((Wo - 1) * win.sw - 2 * win.pw + win.dw * (win.kw - 1) + 1);
   at::Tensor t = at::conv_transpose2d(r.contiguous(fmt), ones, {}, st, pd, {oph, opw}, G, dl);
   at::Tensor sx = T == 1 ? at::sign(xa) : at::sign(xa).repeat({T, 1, 1, 1});
-  return sx.mul_(t).to(x.scalar_type()).contiguous(fmt);
+  at::Tensor gx = sx.mul_(t);
+  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {  // saturate, not inf
+    const double mx = half_type_max(x.scalar_type());
+    gx.clamp_(-mx, mx);
+  }
+  return gx.to(x.scalar_type()).contiguous(fmt);
 }
 
 // The BN of a fused block as per-channel scale / shift vectors (acc type, contiguous).
@@ -452,7 +457,6 @@ at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tens
     std::tie(scale, shift) = bn_scale_shift_cpu(bn->running_mean, bn->running_var, bn->weight,
                                                 bn->bias, bn->bn_eps, acc_type);
   }
-  const double bn_eps = bn != nullptr ? bn->bn_eps : 0.0;
   const int64_t act = bn != nullptr ? bn->act : kActNone;
 
   // Depthwise: the gather kernel below wins on large planes with small windows, ATen's
@@ -460,7 +464,7 @@ at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tens
   const bool gather_wins = win.kh * win.kw <= 9 && H * W >= 56 * 56;
   if (groups > 1 && C == groups && !gather_wins) {
     return depthwise_backward_aten(grad.contiguous(fmt), x.contiguous(fmt), y.contiguous(fmt),
-                                   win, groups, eps, fmt, scale, shift, bn_eps, act);
+                                   win, groups, eps, fmt, scale, shift, act);
   }
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor yc = y.contiguous(fmt);
@@ -473,8 +477,9 @@ at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tens
       conv2d_backward_kernel<scalar_t>(gc, xc, yc, gx, win, groups, eps, cl, nullptr);
       return;
     }
+    // the BN rule divides by y + eps (the spec's eps); bn_eps only went into scale
     const BnFold<acc_t> fold{scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-                             static_cast<acc_t>(bn_eps), act};
+                             static_cast<acc_t>(eps), act};
     conv2d_backward_kernel<scalar_t>(gc, xc, yc, gx, win, groups, eps, cl, &fold);
   });
   return gx;

@@ -75,7 +75,7 @@ __global__ void group_reduce_nchw_kernel(const scalar_t* __restrict__ a,
             const index_t k = g * cpg + j;
             acc += static_cast<acc_t>(ap[j * P]) *
                    bn_act_factor(static_cast<acc_t>(mp[j * P]), bn.scale[k], bn.shift[k],
-                                 bn.bn_eps, bn.act);
+                                 bn.div_eps, bn.act);
           }
         }
       } else {
@@ -129,7 +129,7 @@ __global__ void group_reduce_cl_kernel(const scalar_t* __restrict__ a,
           for (index_t j = tx; j < cpg; j += TX) {
             const index_t k = g * cpg + j;
             acc += static_cast<acc_t>(ap[j]) *
-                   bn_act_factor(static_cast<acc_t>(mp[j]), bn.scale[k], bn.shift[k], bn.bn_eps,
+                   bn_act_factor(static_cast<acc_t>(mp[j]), bn.scale[k], bn.shift[k], bn.div_eps,
                                  bn.act);
           }
         }
@@ -374,8 +374,7 @@ void run_conv2d_backward(bool cl, const at::Tensor& grad, const at::Tensor& x,
                          const at::Tensor& y, at::Tensor& gx, int64_t B, int64_t N, int64_t C,
                          int64_t K, int64_t G, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
                          const Geom& geom, double eps, const at::Tensor& scale,
-                         const at::Tensor& shift, double bn_eps, int64_t act,
-                         cudaStream_t stream) {
+                         const at::Tensor& shift, int64_t act, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor s = at::empty({B * G * Ho * Wo}, acc_opts);  // becomes r
@@ -384,10 +383,11 @@ void run_conv2d_backward(bool cl, const at::Tensor& grad, const at::Tensor& x,
   acc_t* a_ptr = a.mutable_data_ptr<acc_t>();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
 
-  // scale / shift arrive as contiguous acc_t tensors (or undefined: the plain conv rule)
+  // scale / shift arrive as contiguous acc_t tensors (or undefined: the plain conv rule); the
+  // BN rule divides by y + eps (the spec's eps; the module's eps went into scale only)
   const BnFold<acc_t> fold{scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr,
                            shift.defined() ? shift.const_data_ptr<acc_t>() : nullptr,
-                           static_cast<acc_t>(bn_eps), act};
+                           static_cast<acc_t>(eps), act};
   const BnFold<acc_t> none{nullptr, nullptr, acc_t(0), kActNone};
   launch_group_reduce<scalar_t, acc_t, index_t, true>(cl, grad.const_data_ptr<scalar_t>(),
                                                       y.const_data_ptr<scalar_t>(), s_ptr, B, N,
@@ -511,10 +511,10 @@ at::Tensor conv_rule_cuda(const char* op, const at::Tensor& grad_in, const at::T
     }
     if (use32) {
       run_conv2d_backward<scalar_t, int32_t>(cl, grad, x, y, gx, B, N, C, K, G, H, W, Ho, Wo,
-                                             geom, eps, sc, sh, bn_eps, act, stream);
+                                             geom, eps, sc, sh, act, stream);
     } else {
       run_conv2d_backward<scalar_t, int64_t>(cl, grad, x, y, gx, B, N, C, K, G, H, W, Ho, Wo,
-                                             geom, eps, sc, sh, bn_eps, act, stream);
+                                             geom, eps, sc, sh, act, stream);
     }
   });
   return gx;

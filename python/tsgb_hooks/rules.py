@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-10
-"""The spec's stabiliser for the conv, avg-pool and classifier rules."""
+"""The spec's stabiliser of every division in the four rules (the BatchNorm rule's too: a BN
+module's own eps belongs only inside its forward)."""
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -87,8 +88,12 @@ def bn_scale_shift(running_mean: torch.Tensor, running_var: torch.Tensor,
 
 
 def batch_norm_rule(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    eps: float) -> torch.Tensor:
-    """BatchNorm2d: gx = grad * y / (x + eps), eps being the module's own."""
+                    eps: float = EPS) -> torch.Tensor:
+    """BatchNorm2d: gx = grad * y / (x + 1e-10), y the module's own eval output.
+
+    The divisor's stabiliser is the spec's eps, never the module's: ``x * gx = grad * y`` then
+    holds (relevance passes unchanged) for all but ``|x| < ~1e-9``, and there is no pole at
+    ``x = -module.eps`` (TSGB_SPEC.md, BatchNorm2d)."""
     cd = _compute_dtype(x)
     B = grad.shape[0]
     gx = grad.to(cd) * _tile(y.to(cd), B) / (_tile(x.to(cd), B) + eps)
