@@ -5,6 +5,7 @@ written to tmp_path, so the whole file runs in well under a minute on two CPU co
 """
 import csv
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -133,7 +134,8 @@ def test_png_only_and_target_ids(imgs, tmp_path):
     assert [(os.path.basename(r["image"]), r["target"]) for r in rows] == [
         ("chelsea.jpg", "3"), ("chelsea.jpg", "7"), ("coffee.png", "3"), ("coffee.png", "7")]
     assert all(r["shard"] == "" and r["png"] for r in rows)
-    assert not os.listdir(out / "shards")
+    # png only: the shards folder holds the row files, no maps
+    assert [f.endswith(".csv") for f in os.listdir(out / "shards")] == [True]
 
 
 def test_labels_csv(imgs, tmp_path, capsys):
@@ -180,7 +182,10 @@ def test_interrupted_run_then_resume(imgs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run([*args, "--out", out, "--resume", "--top-k", "3"])
     assert "other options" in capsys.readouterr().err
-    # a kill between a shard and its index rows leaves an orphan shard: cleaned at the end
+    # a kill between a shard and its rows leaves an orphan shard of the run: removed; a file
+    # of another program in shards/ is left alone
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    np.save(out / "shards" / f"{run_id}-r0-000007.npy", np.zeros((1, 32, 32), np.float16))
     np.save(out / "shards" / "r0-000007.npy", np.zeros((1, 32, 32), np.float16))
     assert run([*args, "--out", out, "--resume"]) == 0
     assert "already done (resume): 1 images" in capsys.readouterr().out
@@ -191,7 +196,8 @@ def test_interrupted_run_then_resume(imgs, tmp_path, capsys):
     assert keys == [(r["image"], r["target"]) for r in b]
     for ra, rb in zip(a, b):
         np.testing.assert_array_equal(load_map(out, ra), load_map(fresh, rb))
-    assert not (out / "shards" / "r0-000007.npy").exists()
+    assert not (out / "shards" / f"{run_id}-r0-000007.npy").exists()
+    assert (out / "shards" / "r0-000007.npy").exists()
     # resuming a finished run does nothing
     assert run([*args, "--out", out, "--resume"]) == 0
     assert len(index(out)) == 10
@@ -313,7 +319,9 @@ def test_torchrun_two_ranks_match_one_process(imgs, tmp_path):
     assert [(r["image"], r["target"], r["rank"]) for r in a] == \
         [(r["image"], r["target"], r["rank"]) for r in b]
     assert len(a) == 10
-    assert {r["shard"].split("-")[0] for r in b} == {"shards/r0", "shards/r1"}
+    run_id = json.loads((two / "run.json").read_text())["run_id"]
+    assert {r["shard"].rsplit("-", 1)[0] for r in b} == {f"shards/{run_id}-r0",
+                                                          f"shards/{run_id}-r1"}
     assert not [f for f in os.listdir(two) if f.startswith("index-rank")]
     for ra, rb in zip(a, b):
         assert float(ra["score"]) == pytest.approx(float(rb["score"]), rel=1e-4)

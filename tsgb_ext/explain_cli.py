@@ -1,38 +1,42 @@
 """``tsgb explain INPUT... --out DIR``: TSGB maps of whole collections of images.
 
-Outputs in DIR:
+Outputs in DIR (the storage rules, lock and resume are in :mod:`tsgb_ext._store`):
 
-* ``shards/r<RANK>-<SEQ>.npy``: float16 arrays (M, H, W), one map per row (``--format npy``);
+* ``shards/<RUN>-r<RANK>-<SEQ>.npy``: float16 arrays (M, H, W), one map per row
+  (``--format npy``), and ``shards/<RUN>-r<RANK>-<SEQ>.csv``: the shard's index rows, each
+  file written whole or not at all; a shard holds all the targets of each of its images;
 * ``png/<name>-<hash>.png``: one overlay figure per image (``--format png``);
 * ``index.csv``: one row per image and target: ``image, target, class_name, score, rank,
   shard, row, png`` (``numpy.load(DIR/shard)[row]`` is that map; ``rank`` is the target's place
-  among the image's targets, 1 = first). Rows are appended (and flushed to disk) after each shard
-  is written, so an interrupted run loses nothing that is written, and ``--resume`` skips the
-  images the index already holds. The finished index is sorted by image, then rank.
-* ``failed.csv``: images that could not be read (path, error); ``run.json``: the options.
+  among the image's targets, 1 = first), sorted by image, then rank; written at the end (and
+  when a one-process run is interrupted) from the shards' row files. ``--resume`` skips the
+  images whose shard is complete: an interrupted run loses at most the shard in progress.
+* ``failed.csv``: images that could not be read or explained (path, error); ``run.json``: the
+  run marker (its id and options); ``.tsgb.lock``: the writer's lock.
 
-Under ``torchrun --nproc-per-node K`` (``WORLD_SIZE`` > 1) each rank takes every K-th image,
-writes its own shards and ``index-rank<R>.csv``; rank 0 merges them into ``index.csv`` at the
-end. CPU: gloo; CUDA: nccl, one process per GPU (``cuda:LOCAL_RANK``).
+Under ``torchrun --nproc-per-node K`` (``WORLD_SIZE`` > 1) each rank takes every K-th image and
+writes its own shards; rank 0 holds the lock and writes the index at the end. CPU: gloo; CUDA:
+nccl, one process per GPU (``cuda:LOCAL_RANK``).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import hashlib
-import json
+import itertools
 import os
 import re
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .cli import BACKENDS, CLIError, check_backend, prepare_out_dir, resolve_device
-
+from . import _store
+from ._store import COLUMNS, INDEX, StoreError, display
+from .cli import BACKENDS, CLIError, check_backend, resolve_device
 
 
 def _warn(msg: str) -> None:
@@ -40,8 +44,7 @@ def _warn(msg: str) -> None:
     from tqdm import tqdm
     tqdm.write(msg, file=sys.stderr)
 
-INDEX = "index.csv"
-COLUMNS = ["image", "target", "class_name", "score", "rank", "shard", "row", "png"]
+
 MAX_TOP_K = 100
 
 
@@ -93,7 +96,9 @@ def _add_explain(sub) -> None:
                     "target; numpy.load(DIR/shard)[row] is the map) and/or PNG overlays. Runs "
                     "on one process, or under torchrun (one process per GPU, gloo on CPU).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (created; locked while the run writes it; a folder "
+                        "holding files of another program is refused)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="efficientnet-lite0",
                    help="efficientnet-lite0 (bundled, pretrained; default), a torchvision "
@@ -135,7 +140,7 @@ def _add_explain(sub) -> None:
     g.add_argument("--shard-size", type=_int_at_least(1), default=256, metavar="MAPS",
                    help="maps per npy shard (default 256)")
     g.add_argument("--resume", action="store_true",
-                   help="skip the images DIR/index.csv already holds")
+                   help="continue the run DIR holds (same options): skip its complete images")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     # testing: stop (like a kill, without the final merge) after this many shards
     p.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)
@@ -162,20 +167,6 @@ def _inside(root: str, path: str) -> str:
     if os.path.commonpath([os.path.realpath(root), full]) != os.path.realpath(root):
         raise CLIError(f"refusing to write outside --out: {path!r}")  # pragma: no cover
     return full
-
-
-def _read_index(path: str) -> List[Dict[str, str]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    # a killed writer can leave a partial last line: keep only complete rows
-    return [r for r in rows if r.get("png") is not None and r.get("image")]
-
-
-def _rank_indexes(out: str) -> List[str]:
-    return sorted(os.path.join(out, f) for f in os.listdir(out)
-                  if re.fullmatch(r"index-rank\d+\.csv", f))
 
 
 def _load_labels(path: str, items, num_classes: int, names) -> Dict[str, List[int]]:
@@ -224,32 +215,31 @@ def _dist_info() -> Tuple[int, int, int]:
     return world, rank, local
 
 
+def _dist_info() -> Tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
 # ----------------------------------------------------------------------- the writer ----
 class _Writer:
-    """Buffers maps of whole images, writes a shard when the buffer holds ``shard_size`` maps,
-    then appends (and flushes, fsyncs) the shard's index rows."""
+    """Buffers the maps and rows of whole images; when the buffer holds ``shard_size`` maps,
+    commits them as one shard (npy, then its row file; see :meth:`_store.Store.write_part`)."""
 
-    def __init__(self, out: str, index_path: str, rank: int, shard_size: int, npy: bool,
+    def __init__(self, store: _store.Store, rank: int, shard_size: int, npy: bool,
                  stop_after: Optional[int]):
-        self.out, self.index_path, self.rank = out, index_path, rank
+        self.store, self.rank = store, rank
         self.shard_size, self.npy, self.stop_after = shard_size, npy, stop_after
-        os.makedirs(os.path.join(out, "shards"), exist_ok=True)
-        pat = re.compile(rf"r{rank}-(\d+)\.npy")
-        seqs = [int(m.group(1)) for f in os.listdir(os.path.join(out, "shards"))
-                if (m := pat.fullmatch(f))]
-        self.seq = max(seqs) + 1 if seqs else 0
+        self.seq = store.next_seq(rank)
         self.maps: List[np.ndarray] = []
         self.rows: List[Dict[str, object]] = []
         self.shards_written = 0
         self.maps_written = 0
-        new = not os.path.exists(index_path) or os.path.getsize(index_path) == 0
-        self.f = open(index_path, "a", newline="", encoding="utf-8")
-        self.csv = csv.DictWriter(self.f, fieldnames=COLUMNS)
-        if new:
-            self.csv.writeheader()
-            self.f.flush()
+        self.images_written = 0
 
     def add(self, rows: List[Dict[str, object]], maps: Optional[np.ndarray]) -> None:
+        """All the rows (and maps) of one image."""
         if self.npy:
             self.maps.extend(list(maps))
         self.rows.extend(rows)
@@ -259,82 +249,49 @@ class _Writer:
     def flush(self) -> None:
         if not self.rows:
             return
+        name = f"{self.store.run_id}-r{self.rank}-{self.seq:06d}"
+        maps = None
         if self.npy:
-            name = f"shards/r{self.rank}-{self.seq:06d}.npy"
-            path = _inside(self.out, name)
-            tmp = path + ".tmp.npy"
-            np.save(tmp, np.stack(self.maps).astype(np.float16))
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            maps = np.stack(self.maps).astype(np.float16)
             for i, r in enumerate(self.rows):
-                r["shard"], r["row"] = name, i
-            self.seq += 1
-        self.csv.writerows(self.rows)
-        self.f.flush()
-        os.fsync(self.f.fileno())
+                r["shard"], r["row"] = f"{_store.SHARDS}/{name}.npy", i
+        self.store.write_part(name, self.rows, maps)
+        self.seq += 1
         self.maps_written += len(self.rows)
+        self.images_written += len({r["image"] for r in self.rows})
         self.maps, self.rows = [], []
         self.shards_written += 1
         if self.stop_after is not None and self.shards_written >= self.stop_after:
             raise _Interrupted()
 
-    def close(self) -> None:
-        self.f.close()
 
-
-def _merge(out: str) -> int:
-    """Rank 0, at the end: index.csv + every index-rank*.csv -> index.csv (deduplicated by
-    image and target, sorted by image then rank), written atomically. Returns the row count."""
-    main = os.path.join(out, INDEX)
-    parts = _rank_indexes(out)
-    rows = _read_index(main)
-    for p in parts:
-        rows += _read_index(p)
-    seen, merged = set(), []
-    for r in rows:
-        key = (r["image"], r["target"])
-        if key not in seen:
-            seen.add(key)
-            merged.append(r)
-    merged.sort(key=lambda r: (r["image"], int(r["rank"] or 0)))
-    tmp = main + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows({c: r.get(c, "") for c in COLUMNS} for r in merged)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, main)
-    for p in parts:
-        os.remove(p)
-    # shards no index row refers to (a run killed between a shard and its rows): remove
-    used = {r["shard"] for r in merged if r.get("shard")}
-    sdir = os.path.join(out, "shards")
-    if os.path.isdir(sdir):
-        for f in os.listdir(sdir):
-            if re.fullmatch(r"r\d+-\d+\.npy(\.tmp\.npy)?", f) and f"shards/{f}" not in used:
-                os.remove(os.path.join(sdir, f))
-    return len(merged)
-
-
-def _png(out: str, name: str, rgb: torch.Tensor, maps: torch.Tensor, titles: List[str],
-         image_title: str) -> str:
+def _png(store: _store.Store, name: str, rgb: torch.Tensor, maps: torch.Tensor,
+         titles: List[str], image_title: str) -> str:
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     from . import viz
-    fig = viz.explanation_figure(rgb, maps, titles, image_title=image_title[:60],
+    fig = viz.explanation_figure(rgb, maps, titles, image_title=display(image_title)[:60],
                                  suptitle="TSGB: red = evidence for the class, blue = against")
     sm = ScalarMappable(norm=Normalize(-1, 1), cmap=colormaps["RdBu_r"])
     fig.colorbar(sm, ax=fig.axes[-1], fraction=0.046, pad=0.02, label="scaled evidence")
-    rel = f"png/{name}.png"
-    os.makedirs(os.path.join(out, "png"), exist_ok=True)
+    rel = f"{_store.PNG}/{name}.png"
+    _inside(store.out, rel)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        viz.save_figure(fig, _inside(out, rel))
+        store.write_png(rel, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     return rel
+
+
+def _check_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse weights holding NaN or inf: every map would be NaN."""
+    bad = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+           if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CLIError(f"{what}: {len(bad)} weight tensor(s) hold NaN or inf values "
+                       f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); every map "
+                       f"would be NaN: fix the weights")
 
 
 # --------------------------------------------------------------------------- command ----
@@ -372,10 +329,25 @@ def _validate(args) -> dict:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    """``tsgb explain``: see the module docstring."""
-    from . import models, pipeline
-
+    """``tsgb explain``: see the module docstring. Ctrl-C at any moment ends with exit code 130
+    and the hint to resume, never a traceback."""
     v = _validate(args)
+    ctx: Dict[str, object] = {"out": None}
+    try:
+        return _explain(args, v, ctx)
+    except KeyboardInterrupt:
+        out = ctx["out"]
+        if out and _store.read_marker(str(out)) is not None:
+            _warn(f"interrupted: the complete images are kept; run the same command with "
+                  f"--resume to complete {display(str(out))}")
+        else:
+            _warn("interrupted before anything was written; run the same command again")
+        return 130
+
+
+def _explain(args: argparse.Namespace, v: dict, ctx: dict) -> int:
+    from . import __version__, models, pipeline
+
     world, rank, local = _dist_info()
     if args.device is None:
         dev_spec = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
@@ -386,15 +358,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
     dev = resolve_device(dev_spec)
     backend = args.backend
     check_backend(backend, dev)
-    out = prepare_out_dir(args.out)
     try:
-        items = pipeline.list_images(args.inputs)
-    except FileNotFoundError as e:
+        out = _store.check_out_path(args.out)   # nothing is created before every check passed
+    except StoreError as e:
         raise CLIError(str(e)) from None
+    _store.fault("start")
+    # the output folder (and its png/, shards/) is never searched for inputs
+    exclude = [out, os.path.join(out, _store.PNG), os.path.join(out, _store.SHARDS)]
+    try:
+        items = pipeline.list_images(args.inputs, exclude=exclude)
+    except OSError as e:
+        raise CLIError(str(e)) from None
+    if not items:
+        raise CLIError(f"no image files in {', '.join(map(display, args.inputs))} (folders are "
+                       f"searched for {', '.join(pipeline.IMAGE_EXTENSIONS)}; --out is not)")
     try:
         loaded = models.load_model(args.model, args.weights, "cpu")
     except (models.ModelSpecError, models.ModelUnavailableError) as e:
         raise CLIError(str(e)) from None
+    _check_finite(loaded.model, f"--weights {args.weights}" if args.weights
+                  else f"--model {args.model}")
+    _store.fault("model")
     size = args.size or loaded.size
     mean, std = args.mean or loaded.mean, args.std or loaded.std
     try:
@@ -419,20 +403,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
               "target": args.target, "top_k": args.top_k,
               "labels": os.path.abspath(args.labels) if args.labels else None,
               "formats": sorted(v["formats"])}
-    cfg_path = os.path.join(out, "run.json")
-    done_rows = _read_index(os.path.join(out, INDEX))
-    for p in _rank_indexes(out):
-        done_rows += _read_index(p)
-    if done_rows and not args.resume:
-        raise CLIError(f"--out {out} already holds an index.csv with {len(done_rows)} rows: "
-                       f"add --resume to complete it, or choose an empty directory")
-    if args.resume and os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            old = json.load(f)
-        diff = [k for k in config if old.get(k) != config[k]]
-        if diff:
-            raise CLIError(f"--resume: DIR was written with other options ({', '.join(diff)}): "
-                           f"{ {k: old.get(k) for k in diff} }")
+    npy = "npy" in v["formats"]
+    # how many targets a complete image has (resume checks every committed image against it)
+    if args.top_k:
+        expected: Callable[[str], Optional[int]] = lambda p: args.top_k
+    elif labels is not None:
+        expected = lambda p: len(labels[p]) if p in labels else None  # noqa: E731
+    elif v["ids"]:
+        expected = lambda p: len(v["ids"])  # noqa: E731
+    else:
+        expected = lambda p: 1  # noqa: E731
 
     # ---- distributed: only after every check, so that no rank waits on one that failed
     dist = None
@@ -444,23 +424,51 @@ def cmd_explain(args: argparse.Namespace) -> int:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     barrier = (lambda: dist.barrier(device_ids=[dev.index]) if dev.type == "cuda"
                else dist.barrier()) if dist else (lambda: None)
-    if rank == 0:
-        with open(cfg_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=1)
-        os.replace(cfg_path + ".tmp", cfg_path)
-    done = {r["image"] for r in done_rows}
+
+    # ---- rank 0 takes DIR (lock, ownership, run marker, cleanup); every rank learns the result
+    store: Optional[_store.Store] = None
+    ctx["out"] = out
+    try:
+        msg: Optional[dict] = None
+        if rank == 0:
+            try:
+                store, state = _store.open_output(out, config, args.resume, npy, expected,
+                                                  _warn, __version__)
+                msg = {"ok": True, "run_id": store.run_id, "done": sorted(state.done)}
+            except StoreError as e:
+                msg = {"ok": False, "error": str(e)}
+        if dist:
+            box = [msg]
+            dist.broadcast_object_list(box, src=0)
+            msg = box[0]
+        if not msg["ok"]:
+            if dist:
+                dist.destroy_process_group()
+            raise CLIError(msg["error"])
+        if store is None:
+            store = _store.Store(out, msg["run_id"])
+        return _run(args, v, store, set(msg["done"]), items, labels, names, expected, config,
+                    dev, backend, size, mean, std, loaded, world, rank, dist, barrier)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _run(args, v, store, done, items, labels, names, expected, config, dev, backend, size,
+         mean, std, loaded, world, rank, dist, barrier) -> int:
+    from . import pipeline
+    out = store.out
+    npy = "npy" in v["formats"]
     todo = [it for it in items if it.path not in done]
     unlabelled = []
     if labels is not None:
         unlabelled = [it.path for it in todo if it.path not in labels]
         todo = [it for it in todo if it.path in labels]
-    barrier()  # every rank has read the index before any rank appends to it
+    barrier()  # rank 0 has cleaned DIR before any rank writes to it
     mine = todo[rank::world]
 
     model = loaded.model.to(dev)
-    index_path = os.path.join(out, INDEX if world == 1 else f"index-rank{rank}.csv")
-    writer = _Writer(out, index_path, rank, args.shard_size, "npy" in v["formats"],
-                     args.stop_after_shards)
+    writer = _Writer(store, rank, args.shard_size, npy, args.stop_after_shards)
     ds = pipeline.ImageFileDataset(mine, size)
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                      collate_fn=pipeline.collate, pin_memory=dev.type == "cuda",
@@ -487,42 +495,54 @@ def cmd_explain(args: argparse.Namespace) -> int:
                                             backend=backend, amp=args.amp, mean=mean, std=std):
             meta = res.meta
             for path, err in meta["failed"]:
-                _warn(f"skipped {path}: {err}")
+                _warn(f"skipped {display(path)}: {display(err)}")
                 failed.append((path, err))
             last_backend = res.backend
             host = res.numpy() if res.maps.shape[0] else None
+            finite = (torch.isfinite(res.maps).flatten(2).all(2).cpu().numpy()
+                      if res.maps.shape[0] else None)
             for b, path in enumerate(meta["path"]):
                 it = ds.items[meta["index"][b]]
                 valid = host["valid"][b]
+                if not finite[b][valid].all():
+                    err = "the map is not finite (NaN or inf): check the model and its weights"
+                    _warn(f"skipped {display(path)}: {err}")
+                    failed.append((path, err))
+                    continue
                 cls = [int(c) for c, ok in zip(host["targets"][b], valid) if ok]
                 sc = [float(s) for s, ok in zip(host["scores"][b], valid) if ok]
                 png = ""
                 if "png" in v["formats"]:
                     titles = [f"{names[c]}  p={s:.2f}" for c, s in zip(cls, sc)]
                     rgb = res.inputs[b]  # the [0, 1] RGB the model saw
-                    png = _png(out, safe_name(it.rel, it.path), rgb,
+                    png = _png(store, safe_name(it.rel, it.path), rgb,
                                res.maps[b][torch.as_tensor(valid, device=res.maps.device)],
                                titles, it.rel)
                 rows = [{"image": path, "target": c, "class_name": names[c], "score": f"{s:.6g}",
                          "rank": j + 1, "shard": "", "row": "", "png": png}
                         for j, (c, s) in enumerate(zip(cls, sc))]
-                writer.add(rows, host["maps"][b][valid] if writer.npy else None)
+                writer.add(rows, host["maps"][b][valid] if npy else None)
                 n_maps += len(rows)
-            n_images += len(meta["path"])
+                n_images += 1
             bar.update(len(meta["path"]) + len(meta["failed"]))
         writer.flush()
     except (_Interrupted, KeyboardInterrupt):
         interrupted = True
     finally:
-        writer.close()
         bar.close()
     dt = time.perf_counter() - t0
     if interrupted:
-        _warn(f"interrupted: {writer.maps_written} maps are written and indexed; run the "
-                    f"same command with --resume to complete {out}")
+        if world == 1:  # one process: index.csv holds every complete image
+            try:
+                store.write_index(store.scan(npy, expected).parts)
+            except KeyboardInterrupt:
+                pass
+        _warn(f"interrupted: {writer.maps_written} maps of {writer.images_written} images are "
+              f"written in this run (every complete image is kept); run the same command with "
+              f"--resume to complete {display(out)}")
         return 130
 
-    # ---- gather the counts and failures, rank 0 merges the index
+    # ---- gather the counts and failures, rank 0 writes the index
     stats = {"images": n_images, "maps": n_maps, "failed": failed, "seconds": dt}
     if dist:
         gathered: List[dict] = [None] * world  # type: ignore[list-item]
@@ -530,28 +550,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
         barrier()
     else:
         gathered = [stats]
+    imgs = sum(s["images"] for s in gathered)
     if rank == 0:
-        total_rows = _merge(out)
+        state = store.scan(npy, expected, cleanup=True, warn=_warn)
+        total_rows = store.write_index(state.parts)
         all_failed = sorted(f for s in gathered for f in s["failed"])
-        with open(os.path.join(out, "failed.csv"), "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["image", "error"])
-            w.writerows(all_failed)
-        imgs = sum(s["images"] for s in gathered)
+        store.write_failed(all_failed)
         maps = sum(s["maps"] for s in gathered)
         secs = max(s["seconds"] for s in gathered)
         lines = [f"tsgb explain: {imgs} images explained ({maps} maps) in {secs:.1f} s "
                  f"({imgs / secs if secs > 0 else 0:.1f} images/s) on {world} process(es), "
                  f"device {dev.type}, backend {last_backend or backend}",
                  f"  already done (resume): {len(done)} images; index: "
-                 f"{os.path.join(out, INDEX)} ({total_rows} rows)"]
+                 f"{display(os.path.join(out, INDEX))} ({total_rows} rows)"]
         if unlabelled:
             lines.append(f"  not in --labels (skipped): {len(unlabelled)} images")
         lines.append(f"  unreadable (skipped): {len(all_failed)}" +
-                     "".join(f"\n    {p}: {e}" for p, e in all_failed[:50]) +
+                     "".join(f"\n    {display(p)}: {display(e)}" for p, e in all_failed[:50]) +
                      ("\n    ... (see failed.csv)" if len(all_failed) > 50 else ""))
         print("\n".join(lines))
+        if imgs + len(done) == 0:
+            print(f"tsgb explain: error: no image could be explained ({len(all_failed)} "
+                  f"unreadable, {len(unlabelled)} not in --labels; see "
+                  f"{display(os.path.join(out, _store.FAILED))})", file=sys.stderr)
     if dist:
         barrier()
         dist.destroy_process_group()
-    return 0
+    return 1 if imgs + len(done) == 0 else 0

@@ -20,7 +20,9 @@ of an image come from one forward pass of the model (and T backward passes).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
+import stat
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -43,27 +45,44 @@ class ImageItem:
     rel: str
 
 
-def list_images(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTENSIONS
-                ) -> List[ImageItem]:
+def _regular_file(path: str) -> bool:
+    """True for a regular file (after resolving symlinks): never a FIFO, socket or device,
+    whose ``open()`` could block forever."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def list_images(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                exclude: Sequence[str] = ()) -> List[ImageItem]:
     """The image files named by ``inputs`` (files, or folders searched recursively), in a
     stable order (sorted), each once. Files named explicitly are taken whatever their extension;
-    folders contribute files with one of ``extensions``. Raises FileNotFoundError for a missing
-    input."""
+    folders contribute files with one of ``extensions``. Only regular files are taken (symlinks
+    to them included; FIFOs, sockets and devices never). Folders in ``exclude`` (e.g. an output
+    folder) are skipped when the search meets them (a folder named in ``inputs`` is always
+    searched). Raises FileNotFoundError for a missing input or one that is neither a regular
+    file nor a folder."""
     seen = set()
     items: List[ImageItem] = []
     exts = tuple(e.lower() for e in extensions)
+    skip = {os.path.realpath(os.path.abspath(os.path.expanduser(d))) for d in exclude}
     for inp in inputs:
         ap = os.path.abspath(os.path.expanduser(inp))
-        if os.path.isfile(ap):
-            found = [(ap, os.path.basename(ap))]
-        elif os.path.isdir(ap):
+        if os.path.isdir(ap):
             found = []
             for root, dirs, files in os.walk(ap):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs
+                                 if os.path.realpath(os.path.join(root, d)) not in skip)
                 for f in sorted(files):
                     if f.lower().endswith(exts):
                         p = os.path.join(root, f)
-                        found.append((p, os.path.relpath(p, ap)))
+                        if _regular_file(p):
+                            found.append((p, os.path.relpath(p, ap)))
+        elif _regular_file(ap):
+            found = [(ap, os.path.basename(ap))]
+        elif os.path.exists(ap):
+            raise FileNotFoundError(f"input {inp!r}: not a regular file or a directory")
         else:
             raise FileNotFoundError(f"input {inp!r}: no such file or directory")
         for p, rel in found:
@@ -74,14 +93,35 @@ def list_images(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTENSI
     return items
 
 
+#: Pillow modes with 16 bits per pixel (grey): scaled to [0, 1] by 65535, not clipped at 255.
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _open_regular(path: str):
+    """``path`` opened for reading, only if it is a regular file: opened non-blocking first, so a
+    FIFO (or a file swapped for one) raises instead of blocking forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path!r}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_rgb(path: str, size: Tuple[int, int]) -> torch.Tensor:
     """Decode the image at ``path`` to a (3, h, w) float [0, 1] tensor (central crop to the
     aspect ratio of ``size`` = (h, w), then an antialiased resize).
 
     Untrusted files: Pillow's decompression-bomb guard stays on and its warning (an image of
     more than ``Image.MAX_IMAGE_PIXELS`` pixels) is an error here; truncated files raise
-    (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False). JPEGs are decoded at a reduced scale
-    (``draft``) when they are far larger than ``size``.
+    (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False); only regular files are opened (a FIFO
+    raises). JPEGs are decoded at a reduced scale (``draft``) when they are far larger than
+    ``size``. 16-bit grey images (Pillow modes ``I;16*``) are scaled by their full range
+    (65535 = white); 32-bit integer and float images (modes ``I``, ``F``), whose range is
+    unknown, raise ``ValueError``; every other mode is converted to RGB by Pillow.
     """
     from PIL import Image
 
@@ -90,11 +130,17 @@ def open_rgb(path: str, size: Tuple[int, int]) -> torch.Tensor:
         Image.MAX_IMAGE_PIXELS = 89_478_485
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
+        with _open_regular(path) as fh, Image.open(fh) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (2 * size[1], 2 * size[0]))
-            im = im.convert("RGB")
-            arr = np.array(im)
+            if im.mode in _MODES_16BIT:
+                arr = np.asarray(im).astype(np.float32) / 65535.0
+            elif im.mode in ("I", "F"):
+                raise ValueError(f"unsupported pixel mode {im.mode} (32-bit "
+                                 f"{'integer' if im.mode == 'I' else 'float'}, range unknown): "
+                                 f"convert the image to 8 or 16 bits")
+            else:
+                arr = np.array(im.convert("RGB"))
     return load_rgb(arr, size)[0]
 
 
@@ -264,11 +310,16 @@ def explain_batches(model_or_explainer: Union[torch.nn.Module, TSGB], batches: I
         m = torch.tensor(mean if mean is not None else (0.0,) * 3, device=device).view(1, -1, 1, 1)
         s = torch.tensor(std if std is not None else (1.0,) * 3, device=device).view(1, -1, 1, 1)
         norm = (m, s)
+    # batches are cast to the model's floating dtype (float32 images, a float64 model, ...)
+    dtype = next((p.dtype for p in itertools.chain(ex.model.parameters(), ex.model.buffers())
+                  if p.is_floating_point()), torch.float32)
     for batch in batches:
         x0, meta = _split_batch(batch)
-        x = x0.to(device, non_blocking=True).float()
+        x = x0.to(device, non_blocking=True)
+        x = x.double() if dtype == torch.float64 else x.float()
         if norm is not None:
             x = (x - norm[0]) / norm[1]
+        x = x.to(dtype)
         if x.shape[0] == 0:
             z = torch.zeros(0, 1, *x.shape[2:], device=device)
             yield ExplainedBatch(z, z[:, :, 0, 0].long(), z[:, :, 0, 0], z[:, :, 0, 0].bool(),
