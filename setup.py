@@ -117,7 +117,22 @@ def _extensions():
         extra_compile_args=extra_compile_args,
         extra_link_args=extra_link,
     )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    tag = "py%d%d-torch%s-%s" % (sys.version_info[0], sys.version_info[1],
+                                 torch.__version__.replace("+", "_"), "cuda" if with_cuda else "cpu")
+
+    class build_ext(base):
+        """pip's editable install compiles in a fresh temporary folder every time; a persistent
+        one (build/editable-<python>-<torch>-<cpu|cuda>) lets ninja recompile only what changed,
+        so a second `pip install --no-build-isolation -e .` with nothing changed only links."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False) or self.inplace:
+                self.build_temp = os.path.join(ROOT, "build", "editable-" + tag)
+                print("tsgb_ext setup: object files in %s (reused by the next build)"
+                      % self.build_temp)
+
     return [ext], {"build_ext": build_ext}
 
 

@@ -17,8 +17,9 @@ forward:
   more full-size convolutions. Both ignore nothing for ``groups == 1``; the slim code is
   wrong for ``groups > 1`` (the spec's group-aware rule is not what they ran).
 * BatchNorm2d (``LRPBNG``): ``y = batch_norm(x, ..., training=False)`` is recomputed with
-  ``F.batch_norm``'s default eps 1e-5 (the module's own eps is ignored, as in their code),
-  then ``gx = g * y / (x + bn_div_eps)`` (default 1e-5, see ``BN_DIV_EPS``).
+  ``F.batch_norm``'s default eps 1e-5 (the module's own eps is ignored, as in their code;
+  ``bn_y_eps=None`` recomputes it with the module's eps, as TSGB_SPEC.md says), then
+  ``gx = g * y / (x + 1e-10)`` (their literal divisor, ``BN_DIV_EPS``).
 * AvgPool2d (``PreHook_AP`` / ``PostHook_AP``): ``gx = avg_pool2d_backward(g * y) / (x + 1e-10)``.
 * classifier Linear (``CLinearG``): ``beta = (x W+^T) / |x W-^T|`` (no guard for ``|zn| = 0``),
   ``gx = g W+ + (g * beta) W-``.
@@ -49,11 +50,13 @@ except (AttributeError, TypeError):  # pragma: no cover
     _custom_bwd = torch.cuda.amp.custom_bwd
 
 EPS = 1e-10
-BN_DIV_EPS = 1e-5
-"""The BN rule's denominator ``x + BN_DIV_EPS``. TSGB_SPEC.md (and this project) use the
-module's eps, 1e-5 for every BN of VGG/ResNet. The copy of ``functionsGBP.py`` read when this
-file was written divides by ``x + 1e-10`` instead; pass ``bn_div_eps=1e-10`` for that literal
-reading (it changes ResNet maps by ~1e-3 relative, not the cost)."""
+BN_DIV_EPS = 1e-10
+"""The BN rule's denominator ``x + BN_DIV_EPS``: ``functionsGBP.py`` divides by ``inp + 1e-10``,
+as TSGB_SPEC.md does (the module's eps belongs inside the forward only). ``bn_div_eps`` can
+be changed to study the effect; an earlier version of this project used the module's eps."""
+BN_Y_EPS = 1e-5
+"""The eps of the BN output recomputed in the backward: ``F.batch_norm``'s default, as in
+their code. ``None``: the module's own eps (the spec's reading; equal for eps-1e-5 models)."""
 
 
 class CLinearG(torch.autograd.Function):
@@ -83,8 +86,9 @@ class CLinearG(torch.autograd.Function):
 class LRPBNG(torch.autograd.Function):
     @staticmethod
     @_custom_fwd
-    def forward(ctx, inp, running_mean, running_var, weight, bias, module_eps, div_eps):
+    def forward(ctx, inp, running_mean, running_var, weight, bias, module_eps, div_eps, y_eps):
         ctx.div_eps = div_eps
+        ctx.y_eps = module_eps if y_eps is None else y_eps
         output = F.batch_norm(inp, running_mean, running_var, weight=weight, bias=bias,
                               training=False, eps=module_eps)
         ctx.save_for_backward(inp, running_mean, running_var, weight, bias)
@@ -94,11 +98,11 @@ class LRPBNG(torch.autograd.Function):
     @_custom_bwd
     def backward(ctx, grad_output):
         inp, running_mean, running_var, weight, bias = ctx.saved_tensors
-        # recomputed with F.batch_norm's default eps (1e-5), as the authors do
+        # recomputed with F.batch_norm's default eps (1e-5), as the authors do (BN_Y_EPS)
         output = F.batch_norm(inp, running_mean, running_var, weight=weight, bias=bias,
-                              training=False)
+                              training=False, eps=ctx.y_eps)
         grad_input = grad_output * output / (inp + ctx.div_eps)
-        return grad_input, None, None, None, None, None, None
+        return grad_input, None, None, None, None, None, None, None
 
 
 class WoneConv2dG(torch.autograd.Function):
@@ -184,8 +188,9 @@ def _new_conv2d(self, x):
 
 
 def _new_bn(self, x):
+    div_eps, y_eps = self._authors_bn_eps
     return LRPBNG.apply(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                        self._authors_bn_div_eps)
+                        div_eps, y_eps)
 
 
 def _new_avgpool2d(self, x):
@@ -208,12 +213,14 @@ class AuthorsTSGB:
     """
 
     def __init__(self, model: nn.Module, variant: str = "published",
-                 classifier: Optional[nn.Linear] = None, bn_div_eps: float = BN_DIV_EPS):
+                 classifier: Optional[nn.Linear] = None, bn_div_eps: float = BN_DIV_EPS,
+                 bn_y_eps: Optional[float] = BN_Y_EPS):
         if variant not in ("published", "full"):
             raise ValueError("variant must be 'published' or 'full'")
         self.model = model
         self.full = variant == "full"
         self.bn_div_eps = float(bn_div_eps)
+        self.bn_y_eps = None if bn_y_eps is None else float(bn_y_eps)
         if classifier is None:
             linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
             if not linears:
@@ -230,7 +237,7 @@ class AuthorsTSGB:
                 m._authors_full = self.full
                 new = _new_conv2d
             elif type(m) is nn.BatchNorm2d:
-                m._authors_bn_div_eps = self.bn_div_eps
+                m._authors_bn_eps = (self.bn_div_eps, self.bn_y_eps)
                 new = _new_bn
             elif type(m) is nn.AvgPool2d:
                 new = _new_avgpool2d
@@ -259,7 +266,7 @@ class AuthorsTSGB:
                 m.train(old)
             else:
                 setattr(m, attr, old)
-            for a in ("_authors_full", "_authors_bn_div_eps"):
+            for a in ("_authors_full", "_authors_bn_eps"):
                 if a in m.__dict__:
                     delattr(m, a)
 

@@ -79,6 +79,17 @@ def bn_eval(x, running_mean, running_var, weight, bias, module_eps):
     return y
 
 
+def bn_scale_shift(running_mean, running_var, weight, bias, module_eps):
+    """The eval BatchNorm as y = x * scale + shift per channel, in float64."""
+    scale = 1.0 / torch.sqrt(running_var.double() + module_eps)
+    if weight is not None:
+        scale = scale * weight.double()
+    shift = -running_mean.double() * scale
+    if bias is not None:
+        shift = shift + bias.double()
+    return scale, shift
+
+
 def avgpool_rule(g, x, y, kernel_size, stride, padding, ceil_mode, count_include_pad,
                  divisor_override, eps=EPS):
     g, x, y = _c(g, x, y)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 import tsgb_ext
-from conftest import assert_same, backends, snapshot  # noqa: F401
+from conftest import native_skip_mark, assert_same, backends, snapshot  # noqa: F401
 
 
 def small_net(classes=5):
@@ -71,7 +71,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     assert ex.last_backend == "hooks"
 
 
-@pytest.mark.skipif(not tsgb_ext.native_available(), reason="tsgb_ext._C not built")
+@native_skip_mark()
 def test_auto_picks_native_on_cpu():
     ex = tsgb_ext.TSGB(small_net(), backend="auto")
     ex.attribute(torch.randn(1, 3, 8, 8))

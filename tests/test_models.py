@@ -10,7 +10,7 @@ import torchvision.models as tvm
 
 import reference as ref
 import tsgb_ext
-from conftest import backends
+from conftest import native_skip_mark, backends
 
 # name -> (factory, input size). Sizes leave the last conv more than 1x1: at 1x1 the
 # channel-summed relevance is the total, which the classifier rule makes zero.
@@ -179,7 +179,7 @@ def test_forward_outputs_bit_identical(name):
     assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not tsgb_ext.native_available(), reason="tsgb_ext._C not built")
+@native_skip_mark()
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg11_bn"])
 def test_native_channels_last_model_matches_hooks(name):
     model, size = build(name)

@@ -1,4 +1,5 @@
-"""GPU tests of the CUDA kernels of tsgb_ext's backward ops.
+"""The kernels of tsgb_ext's backward ops, on every device present (CPU always, CUDA when a
+GPU is visible): each test runs once per device.
 
 Every op is compared with a float64 pure-PyTorch transcription of its rule (written out below,
 independent of the kernels) on many random configurations: odd sizes, kernels 1..7, stride,
@@ -15,7 +16,7 @@ of the summands can do), or for conv `rtol * |ref| + rtol * max|ref|` (scale-awa
 For fp16 / bf16 the kernels saturate results beyond the dtype's range to its largest finite
 value, so the reference is clamped the same way.
 
-All tests skip when torch.cuda.is_available() is False (e.g. CPU-only build machines).
+CUDA-only tests (graph capture) skip on the CPU; the CUDA run skips without a GPU.
 """
 import random
 
@@ -23,10 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+import os
 
-try:  # importing registers the ops; on a CPU-only machine everything below is skipped anyway
+CUDA = torch.cuda.is_available()
+REQUIRE_NATIVE = os.environ.get("TSGB_REQUIRE_NATIVE", "0") == "1"
+
+try:  # importing registers the ops
     import tsgb_ext  # noqa: F401
     _IMPORT_ERROR = None
 except Exception as exc:  # pragma: no cover - reported by the fixture below
@@ -37,15 +40,32 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 LAYOUTS = ["contiguous", "channels_last", "noncontiguous"]
 
+DEV = "cpu"
+"""The device of the test being run (set by the autouse fixture below; the helpers read it)."""
 
-@pytest.fixture(autouse=True)
-def _ops_available():
+
+@pytest.fixture(autouse=True, params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU"))])
+def _device(request):
+    global DEV
     if _IMPORT_ERROR is not None:
         pytest.fail(f"import tsgb_ext failed: {_IMPORT_ERROR!r}")
-    if not torch.ops.tsgb_ext.built_with_cuda():
-        pytest.fail("tsgb_ext was built without CUDA kernels (rebuild with FORCE_CUDA=1)")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
+    if not tsgb_ext.native_available():
+        if REQUIRE_NATIVE:
+            pytest.fail(f"tsgb_ext._C did not load: {tsgb_ext.backend_info()['native_error']}")
+        pytest.skip("tsgb_ext._C (the compiled ops) is not built")
+    if request.param == "cuda":
+        if not torch.ops.tsgb_ext.built_with_cuda():
+            pytest.fail("tsgb_ext was built without CUDA kernels (rebuild with FORCE_CUDA=1)")
+        torch.backends.cuda.matmul.allow_tf32 = False
+    DEV = request.param
+    yield request.param
+    DEV = "cpu"
+
+
+def cuda_only():
+    if DEV != "cuda":
+        pytest.skip("CUDA-only (graph capture)")
 
 
 def ops():
@@ -216,7 +236,7 @@ def _conv_inputs(cfg, dtype, layout, seed):
     x = _rand((N, C, H, W), gen, zero_frac=0.25)
     y = _rand((N, K, Ho, Wo), gen)
     g = _rand((N * T, K, Ho, Wo), gen)
-    dev = "cuda"
+    dev = DEV
     x, y, g = (_layout(t.to(dev, dtype), layout) for t in (x, y, g))
     return g, x, y
 
@@ -263,17 +283,17 @@ def test_conv2d_backward_mixed_layouts():
 
 
 def test_conv2d_backward_empty():
-    x = torch.randn(0, 3, 8, 8, device="cuda")
-    y = torch.randn(0, 4, 8, 8, device="cuda")
-    g = torch.randn(0, 4, 8, 8, device="cuda")
+    x = torch.randn(0, 3, 8, 8, device=DEV)
+    y = torch.randn(0, 4, 8, 8, device=DEV)
+    g = torch.randn(0, 4, 8, 8, device=DEV)
     out = ops().conv2d_backward(g, x, y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
     assert out.shape == (0, 3, 8, 8)
 
 
 def test_conv2d_backward_errors():
-    x = torch.randn(2, 4, 8, 8, device="cuda")
-    y = torch.randn(2, 6, 8, 8, device="cuda")
-    g = torch.randn(2, 6, 8, 8, device="cuda")
+    x = torch.randn(2, 4, 8, 8, device=DEV)
+    y = torch.randn(2, 6, 8, 8, device=DEV)
+    g = torch.randn(2, 6, 8, 8, device=DEV)
     op = ops().conv2d_backward
     with pytest.raises(RuntimeError, match="multiple"):
         op(g[:1].repeat(3, 1, 1, 1)[:3], x, y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
@@ -281,8 +301,9 @@ def test_conv2d_backward_errors():
         op(g, x, y[:, :, :7], [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
     with pytest.raises(RuntimeError, match="divisible"):
         op(g, x, y, [3, 3], [1, 1], [1, 1], [1, 1], 4, EPS)
-    with pytest.raises(RuntimeError, match="grad must"):
-        op(g.cpu(), x, y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
+    if DEV == "cuda":
+        with pytest.raises(RuntimeError, match="grad must"):
+            op(g.cpu(), x, y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
     with pytest.raises(RuntimeError, match="dtype"):
         op(g.half(), x, y, [3, 3], [1, 1], [1, 1], [1, 1], 1, EPS)
     with pytest.raises(RuntimeError, match="4-D"):
@@ -291,6 +312,7 @@ def test_conv2d_backward_errors():
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_conv2d_backward_cuda_graph(layout):
+    cuda_only()
     cfg = (2, 3, 8, 12, 13, 11, (3, 3), (2, 2), (1, 1), (1, 1), 2)
     N, T, C, K, H, W, ks, stride, padding, dilation, G = cfg
     g, x, y = _conv_inputs(cfg, torch.float32, layout, 11)
@@ -320,13 +342,13 @@ def test_conv2d_backward_cuda_graph(layout):
 # ------------------------------------------------------------------------------------------
 # conv2d_bn_backward: the conv rule with a BatchNorm (eval) and ReLU / ReLU6 folded in
 
-def ref_fold_factor(y, scale, shift, bn_eps, act):
-    """m(yb) * yb / (y + bn_eps): what the folded rules multiply the block's gradient by,
-    before the conv rule multiplies by y (float64)."""
+def ref_fold_factor(y, scale, shift, act):
+    """m(yb) * yb / (y + 1e-10): what the folded rules multiply the block's gradient by,
+    before the conv rule multiplies by y (float64). The BN's own eps is inside scale only."""
     yd = y.double().cpu()
     yb = yd * scale.double().cpu().view(1, -1, 1, 1) + shift.double().cpu().view(1, -1, 1, 1)
     mask = {0: torch.ones_like(yb, dtype=torch.bool), 1: yb > 0, 2: (yb > 0) & (yb < 6)}[act]
-    return torch.where(mask, yb, torch.zeros_like(yb)) / (yd + bn_eps)
+    return torch.where(mask, yb, torch.zeros_like(yb)) / (yd + EPS)
 
 
 @pytest.mark.parametrize("act", [0, 1, 2])
@@ -343,7 +365,7 @@ def test_conv2d_bn_backward(idx, dtype, layout, act):
     rv = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
     bw = torch.randn(K, generator=gen, dtype=torch.float64) * 2
     bb = torch.randn(K, generator=gen, dtype=torch.float64) * 2
-    rm, rv, bw, bb = (t.to(pd).cuda() for t in (rm, rv, bw, bb))
+    rm, rv, bw, bb = (t.to(pd).to(DEV) for t in (rm, rv, bw, bb))
     bn_eps = 1e-3
     wb = (bw, bb) if idx % 8 else (None, None)  # some configs: BatchNorm2d(affine=False)
     out = ops().conv2d_bn_backward(g, x, y, rm, rv, *wb, bn_eps, act, list(ks), list(stride),
@@ -353,7 +375,7 @@ def test_conv2d_bn_backward(idx, dtype, layout, act):
         scale = scale * bw.double().cpu()
     shift = -rm.double().cpu() * scale + (bb.double().cpu() if wb[1] is not None else 0)
     assert out.dtype == dtype and out.is_contiguous(memory_format=_expected_format(x))
-    f = ref_fold_factor(y, scale, shift, bn_eps, act).repeat(T, 1, 1, 1)
+    f = ref_fold_factor(y, scale, shift, act).repeat(T, 1, 1, 1)
     ref = _clamp_to(ref_conv2d_backward(g.double().cpu() * f, x, y, ks, stride, padding,
                                         dilation, G), dtype)
     rtol = RTOL[dtype] * (4 if dtype != torch.float64 else 1)  # one more rounded product
@@ -362,13 +384,13 @@ def test_conv2d_bn_backward(idx, dtype, layout, act):
 
 
 def test_conv2d_bn_act_autograd_and_cuda_graph():
-    """The fused forward op's autograd (C++) on CUDA equals the unfused ops' autograd, and the
+    """The fused forward op's autograd (C++) equals the unfused ops' autograd, and (CUDA) the
     backward replays under CUDA-graph capture."""
     gen = torch.Generator().manual_seed(3)
-    x = _rand((2, 6, 15, 13), gen).cuda().requires_grad_(True)
-    w, b = _rand((8, 3, 3, 3), gen).float().cuda(), _rand((8,), gen).float().cuda()
-    rm, rv = _rand((8,), gen).float().cuda(), _rand((8,), gen, positive=True).float().cuda() + 0.5
-    bw, bb = _rand((8,), gen).float().cuda(), _rand((8,), gen).float().cuda()
+    x = _rand((2, 6, 15, 13), gen).to(DEV).requires_grad_(True)
+    w, b = _rand((8, 3, 3, 3), gen).float().to(DEV), _rand((8,), gen).float().to(DEV)
+    rm, rv = _rand((8,), gen).float().to(DEV), _rand((8,), gen, positive=True).float().to(DEV) + 0.5
+    bw, bb = _rand((8,), gen).float().to(DEV), _rand((8,), gen).float().to(DEV)
     x32 = x.detach().float().requires_grad_(True)
     for act, fn in ((0, lambda t: t), (1, F.relu), (2, F.relu6)):
         out, y = ops().conv2d_bn_act(x32, w, b, [2, 1], [1, 1], [1, 2], 2, rm, rv, bw, bb, 1e-3, act)
@@ -381,6 +403,8 @@ def test_conv2d_bn_act_autograd_and_cuda_graph():
         (gu,) = torch.autograd.grad(zu, x32, g)
         rel = ((gx - gu).norm() / gu.norm()).item()
         assert rel < 1e-5, (act, rel)
+    if DEV != "cuda":
+        return
     # capture the fused backward op in a CUDA graph
     yd = y.detach()
     bn = (rm, rv, bw, bb, 1e-3, 1)
@@ -412,9 +436,9 @@ def _bn_inputs(shape, dtype, layout, seed, zero_frac=0.0):
     gen = torch.Generator().manual_seed(seed)
     x = _rand((N, C, H, W), gen, zero_frac=zero_frac)
     g = _rand((N * T, C, H, W), gen)
-    scale = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).float().cuda()
-    shift = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.1).float().cuda()
-    x, g = (_layout(t.to("cuda", dtype), layout) for t in (x, g))
+    scale = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).float().to(DEV)
+    shift = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.1).float().to(DEV)
+    x, g = (_layout(t.to(DEV, dtype), layout) for t in (x, g))
     return g, x, scale, shift
 
 
@@ -445,12 +469,12 @@ def test_batch_norm_backward_zero_x_finite(dtype, layout):
 
 
 def test_batch_norm_backward_errors():
-    x = torch.randn(2, 4, 5, 5, device="cuda")
-    g = torch.randn(2, 4, 5, 5, device="cuda")
-    sc = torch.ones(4, device="cuda")
+    x = torch.randn(2, 4, 5, 5, device=DEV)
+    g = torch.randn(2, 4, 5, 5, device=DEV)
+    sc = torch.ones(4, device=DEV)
     op = ops().batch_norm_backward
     with pytest.raises(RuntimeError, match="scale"):
-        op(g, x, torch.ones(3, device="cuda"), sc, 1e-5)
+        op(g, x, torch.ones(3, device=DEV), sc, 1e-5)
     with pytest.raises(RuntimeError, match="multiple"):
         op(g[:1].expand(3, -1, -1, -1), x, sc, sc, 1e-5)
     with pytest.raises(RuntimeError, match="grad must have shape"):
@@ -491,7 +515,7 @@ def _check_pool(cfg, dtype, layout, seed):
     yshape = F.avg_pool2d(x, ks, stride, padding, ceil_mode, cip, divisor).shape
     y = _rand(tuple(yshape), gen)
     g = _rand((N * T,) + tuple(yshape[1:]), gen)
-    x, y, g = (_layout(t.to("cuda", dtype), layout) for t in (x, y, g))
+    x, y, g = (_layout(t.to(DEV, dtype), layout) for t in (x, y, g))
     out = ops().avg_pool2d_backward(g, x, y, list(ks), list(stride), list(padding), ceil_mode,
                                     cip, divisor, EPS)
     assert out.dtype == dtype and out.is_contiguous(memory_format=_expected_format(x))
@@ -515,8 +539,8 @@ def test_avg_pool2d_backward_dtypes(idx, dtype, layout):
 
 
 def test_avg_pool2d_backward_errors():
-    x = torch.randn(2, 4, 8, 8, device="cuda")
-    y = torch.randn(2, 4, 4, 4, device="cuda")
+    x = torch.randn(2, 4, 8, 8, device=DEV)
+    y = torch.randn(2, 4, 4, 4, device=DEV)
     op = ops().avg_pool2d_backward
     with pytest.raises(RuntimeError, match="y must have shape"):
         op(y, x, y[:, :, :3], [2, 2], [2, 2], [0, 0], False, True, None, EPS)
@@ -540,7 +564,7 @@ def _lin_inputs(shape, dtype, seed, zero_rows=False):
         x[0] = 0
     w = _rand((n_out, n_in), gen) / n_in ** 0.5
     g = _rand((N * T, n_out), gen)
-    x, w, g = (t.to("cuda", dtype) for t in (x, w, g))
+    x, w, g = (t.to(DEV, dtype) for t in (x, w, g))
     return g, x, w.clamp(min=0), w.clamp(max=0)
 
 
@@ -569,9 +593,9 @@ def test_linear_backward_zero_input_is_finite(dtype):
 
 
 def test_linear_backward_errors():
-    x = torch.randn(2, 8, device="cuda")
-    w = torch.randn(5, 8, device="cuda")
-    g = torch.randn(2, 5, device="cuda")
+    x = torch.randn(2, 8, device=DEV)
+    w = torch.randn(5, 8, device=DEV)
+    g = torch.randn(2, 5, device=DEV)
     op = ops().linear_backward
     with pytest.raises(RuntimeError, match="weight_pos"):
         op(g, x, w[:, :7], w, EPS)
@@ -585,15 +609,16 @@ def test_linear_backward_errors():
 # every op is capturable (no host syncs)
 
 def test_all_ops_cuda_graph():
+    cuda_only()
     torch.manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, device="cuda")
-    g = torch.randn(6, 4, 8, 8, device="cuda")
-    y = torch.randn(2, 4, 4, 4, device="cuda")
-    gp = torch.randn(6, 4, 4, 4, device="cuda")
-    sc, sh = torch.rand(4, device="cuda") + 0.5, torch.randn(4, device="cuda")
-    xl = torch.rand(2, 16, device="cuda")
-    w = torch.randn(5, 16, device="cuda")
-    gl = torch.randn(6, 5, device="cuda")
+    x = torch.randn(2, 4, 8, 8, device=DEV)
+    g = torch.randn(6, 4, 8, 8, device=DEV)
+    y = torch.randn(2, 4, 4, 4, device=DEV)
+    gp = torch.randn(6, 4, 4, 4, device=DEV)
+    sc, sh = torch.rand(4, device=DEV) + 0.5, torch.randn(4, device=DEV)
+    xl = torch.rand(2, 16, device=DEV)
+    w = torch.randn(5, 16, device=DEV)
+    gl = torch.randn(6, 5, device=DEV)
 
     def run():
         return (ops().batch_norm_backward(g, x, sc, sh, 1e-5),

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/tsgb_common.h"
 
 namespace tsgb {
@@ -119,40 +120,15 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                    at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
                                    bool count_include_pad, std::optional<int64_t> divisor_override,
                                    double eps) {
-  check_4d(kOp, "grad", grad);
-  check_4d(kOp, "x", x);
-  check_4d(kOp, "y", y);
-  check_floating(kOp, "x", x);
-  check_same_device_dtype(kOp, "grad", grad, x);
-  check_same_device_dtype(kOp, "y", y, x);
   TORCH_CHECK(x.device().is_cpu(), kOp, ": CPU kernel called with x on ", x.device());
-  // torch's avg_pool2d: an empty stride means stride = kernel_size.
-  const at::IntArrayRef st = stride.empty() ? kernel_size : stride;
-  const int64_t one[2] = {1, 1};
-  const Window2d win = make_window(kOp, kernel_size, st, padding, at::IntArrayRef(one, 2));
-  TORCH_CHECK(win.ph <= win.kh / 2 && win.pw <= win.kw / 2, kOp,
-              ": padding must be at most half of kernel_size, got padding ", padding,
-              " and kernel_size ", kernel_size);
-  TORCH_CHECK(!divisor_override.has_value() || divisor_override.value() != 0, kOp,
-              ": divisor_override must be non-zero");
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(y.size(0) == N && y.size(1) == C, kOp, ": y must have shape (", N, ", ", C,
-              ", Ho, Wo) like x, got ", y.sizes());
-  const int64_t Ho = y.size(2), Wo = y.size(3);
-  TORCH_CHECK(grad.size(1) == C && grad.size(2) == Ho && grad.size(3) == Wo, kOp,
-              ": grad must have shape (B, ", C, ", ", Ho, ", ", Wo, ") like y, got ", grad.sizes());
-  const int64_t B = grad.size(0);
-  check_target_batch(kOp, grad, N);
+  const PoolShapes sz = check_avg_pool2d_backward_args(kOp, grad, x, y, kernel_size, stride,
+                                                       padding, ceil_mode, divisor_override);
+  const Window2d& win = sz.win;
+  const int64_t B = sz.B, C = sz.C, H = sz.H, W = sz.W;
   const at::MemoryFormat fmt = pick_memory_format(x);
   if (x.numel() == 0 || grad.numel() == 0) {
     return at::zeros({B, C, H, W}, x.options().memory_format(fmt));
   }
-  const int64_t eHo = pool_out_size(H, win.kh, win.sh, win.ph, ceil_mode);
-  const int64_t eWo = pool_out_size(W, win.kw, win.sw, win.pw, ceil_mode);
-  TORCH_CHECK(Ho == eHo && Wo == eWo, kOp, ": y's spatial size must be the pooling output size (",
-              eHo, ", ", eWo, ") for x of shape ", x.sizes(), ", kernel_size ", kernel_size,
-              ", stride ", st, ", padding ", padding, ", ceil_mode ", ceil_mode,
-              "; got y of shape ", y.sizes());
 
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor yc = y.contiguous(fmt);

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "common/checks.h"
 #include "common/tsgb_common.h"
 
 namespace tsgb {
@@ -66,26 +67,9 @@ void batch_norm_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
 
 at::Tensor batch_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                    const at::Tensor& scale, const at::Tensor& shift, double eps) {
-  check_4d(kOp, "grad", grad);
-  check_4d(kOp, "x", x);
-  check_floating(kOp, "x", x);
-  check_same_device_dtype(kOp, "grad", grad, x);
   TORCH_CHECK(x.device().is_cpu(), kOp, ": CPU kernel called with x on ", x.device());
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(grad.size(1) == C && grad.size(2) == H && grad.size(3) == W, kOp,
-              ": grad must have shape (B, ", C, ", ", H, ", ", W, ") like x, got ", grad.sizes());
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == C, kOp, ": scale must have shape (", C,
-              ",), got ", scale.sizes());
-  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == C, kOp, ": shift must have shape (", C,
-              ",), got ", shift.sizes());
-  check_floating(kOp, "scale", scale);
-  check_floating(kOp, "shift", shift);
-  TORCH_CHECK(scale.device() == x.device(), kOp, ": scale must be on ", x.device(),
-              " like x, got ", scale.device());
-  TORCH_CHECK(shift.device() == x.device(), kOp, ": shift must be on ", x.device(),
-              " like x, got ", shift.device());
-  const int64_t B = grad.size(0);
-  check_target_batch(kOp, grad, N);
+  const int64_t B = check_batch_norm_backward_args(kOp, grad, x, scale, shift);
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
   const at::MemoryFormat fmt = pick_memory_format(x);
   if (x.numel() == 0 || grad.numel() == 0) {
     return at::zeros({B, C, H, W}, x.options().memory_format(fmt));

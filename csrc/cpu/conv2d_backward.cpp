@@ -29,6 +29,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/tsgb_common.h"
 
 namespace tsgb {
@@ -418,39 +419,15 @@ at::Tensor conv_rule_cpu(const char* kOp, const at::Tensor& grad, const at::Tens
                          const at::Tensor& y, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                          double eps, const BnArgs* bn) {
-  check_4d(kOp, "grad", grad);
-  check_4d(kOp, "x", x);
-  check_4d(kOp, "y", y);
-  check_floating(kOp, "x", x);
-  check_same_device_dtype(kOp, "grad", grad, x);
-  check_same_device_dtype(kOp, "y", y, x);
   TORCH_CHECK(x.device().is_cpu(), kOp, ": CPU kernel called with x on ", x.device());
-  if (bn != nullptr) {
-    check_bn_params(kOp, y, bn->running_mean, bn->running_var, bn->weight, bn->bias, bn->act);
-  }
-  const Window2d win = make_window(kOp, kernel_size, stride, padding, dilation);
-  TORCH_CHECK(groups > 0, kOp, ": groups must be positive, got ", groups);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t K = y.size(1), Ho = y.size(2), Wo = y.size(3);
-  TORCH_CHECK(y.size(0) == N, kOp, ": y must have x's batch ", N, ", got y of shape ", y.sizes());
-  TORCH_CHECK(C % groups == 0, kOp, ": x's channels (", C, ") must be divisible by groups (",
-              groups, "), got x of shape ", x.sizes());
-  TORCH_CHECK(K % groups == 0, kOp, ": y's channels (", K, ") must be divisible by groups (",
-              groups, "), got y of shape ", y.sizes());
-  TORCH_CHECK(grad.size(1) == K && grad.size(2) == Ho && grad.size(3) == Wo, kOp,
-              ": grad must have y's shape (B, ", K, ", ", Ho, ", ", Wo, "), got ", grad.sizes());
-  const int64_t B = grad.size(0);
-  check_target_batch(kOp, grad, N);
+  const ConvShapes sz = check_conv2d_backward_args(kOp, grad, x, y, kernel_size, stride, padding,
+                                                   dilation, groups, bn);
+  const Window2d& win = sz.win;
+  const int64_t B = sz.B, C = sz.C, H = sz.H, W = sz.W;
   const at::MemoryFormat fmt = pick_memory_format(x);
   if (x.numel() == 0 || grad.numel() == 0) {
     return at::zeros({B, C, H, W}, x.options().memory_format(fmt));
   }
-  const int64_t eHo = conv_out_size(H, win.kh, win.sh, win.ph, win.dh);
-  const int64_t eWo = conv_out_size(W, win.kw, win.sw, win.pw, win.dw);
-  TORCH_CHECK(Ho == eHo && Wo == eWo, kOp, ": y's spatial size must be the conv output size (",
-              eHo, ", ", eWo, ") for x of shape ", x.sizes(), " and kernel_size ", kernel_size,
-              ", stride ", stride, ", padding ", padding, ", dilation ", dilation, "; got y of shape ",
-              y.sizes());
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scale, shift;
   if (bn != nullptr) {

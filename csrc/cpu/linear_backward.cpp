@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
 #include "common/tsgb_common.h"
 
 namespace tsgb {
@@ -18,30 +19,9 @@ constexpr const char* kOp = "tsgb_ext.linear_backward";
 at::Tensor linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                const at::Tensor& weight_pos, const at::Tensor& weight_neg,
                                double eps) {
-  TORCH_CHECK(grad.dim() == 2, kOp, ": grad must be 2-D (B, out), got shape ", grad.sizes());
-  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (N, in), got shape ", x.sizes());
-  TORCH_CHECK(weight_pos.dim() == 2, kOp, ": weight_pos must be 2-D (out, in), got shape ",
-              weight_pos.sizes());
-  TORCH_CHECK(weight_neg.dim() == 2, kOp, ": weight_neg must be 2-D (out, in), got shape ",
-              weight_neg.sizes());
-  check_floating(kOp, "x", x);
-  check_same_device_dtype(kOp, "grad", grad, x);
-  check_floating(kOp, "weight_pos", weight_pos);
-  check_floating(kOp, "weight_neg", weight_neg);
   TORCH_CHECK(x.device().is_cpu(), kOp, ": CPU kernel called with x on ", x.device());
-  TORCH_CHECK(weight_pos.device() == x.device(), kOp, ": weight_pos must be on ", x.device(),
-              " like x, got ", weight_pos.device());
-  TORCH_CHECK(weight_neg.device() == x.device(), kOp, ": weight_neg must be on ", x.device(),
-              " like x, got ", weight_neg.device());
-  const int64_t N = x.size(0), in = x.size(1), out = grad.size(1);
-  TORCH_CHECK(weight_pos.size(0) == out && weight_pos.size(1) == in, kOp,
-              ": weight_pos must have shape (", out, ", ", in, ") = (grad's out, x's in), got ",
-              weight_pos.sizes());
-  TORCH_CHECK(weight_neg.sizes() == weight_pos.sizes(), kOp,
-              ": weight_neg must have weight_pos's shape ", weight_pos.sizes(), ", got ",
-              weight_neg.sizes());
-  const int64_t B = grad.size(0);
-  const int64_t T = check_target_batch(kOp, grad, N);
+  const int64_t T = check_linear_backward_args(kOp, grad, x, weight_pos, weight_neg);
+  const int64_t B = grad.size(0), in = x.size(1), out = grad.size(1);
   if (B == 0 || in == 0 || out == 0) {
     return at::zeros({B, in}, x.options());
   }

@@ -99,35 +99,12 @@ at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
                                     bool ceil_mode, bool count_include_pad,
                                     std::optional<int64_t> divisor_override, double eps) {
   constexpr const char* op = "tsgb_ext.avg_pool2d_backward";
-  check_4d(op, "grad", grad_in);
-  check_4d(op, "x", x_in);
-  check_4d(op, "y", y_in);
   cuda_detail::check_cuda(op, "x", x_in);
-  check_floating(op, "x", x_in);
-  check_same_device_dtype(op, "grad", grad_in, x_in);
-  check_same_device_dtype(op, "y", y_in, x_in);
-  const int64_t one[2] = {1, 1};
-  const Window2d win = make_window(op, kernel_size, stride, padding, at::IntArrayRef(one, 2));
-  TORCH_CHECK(win.ph <= win.kh / 2 && win.pw <= win.kw / 2, op,
-              ": padding must be at most half of kernel_size, got padding ", padding,
-              " and kernel_size ", kernel_size);
-  TORCH_CHECK(!divisor_override.has_value() || *divisor_override != 0, op,
-              ": divisor_override must be non-zero");
-
-  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  const int64_t Ho = pool_out_size(H, win.kh, win.ph, win.sh, ceil_mode);
-  const int64_t Wo = pool_out_size(W, win.kw, win.pw, win.sw, ceil_mode);
-  TORCH_CHECK(Ho >= 1 && Wo >= 1, op, ": the window (kernel_size ", kernel_size, ", stride ",
-              stride, ", padding ", padding, ") does not fit x's spatial size; x has shape ",
-              x_in.sizes());
-  TORCH_CHECK(y_in.size(0) == N && y_in.size(1) == C && y_in.size(2) == Ho && y_in.size(3) == Wo,
-              op, ": y must have shape (", N, ", ", C, ", ", Ho, ", ", Wo, ") for x of shape ",
-              x_in.sizes(), " and this window, got ", y_in.sizes());
-  TORCH_CHECK(grad_in.size(1) == C && grad_in.size(2) == Ho && grad_in.size(3) == Wo, op,
-              ": grad must have shape (B, ", C, ", ", Ho, ", ", Wo, ") like y, got ",
-              grad_in.sizes());
-  check_target_batch(op, grad_in, N);
-  const int64_t B = grad_in.size(0);
+  const PoolShapes sz = check_avg_pool2d_backward_args(op, grad_in, x_in, y_in, kernel_size,
+                                                       stride, padding, ceil_mode,
+                                                       divisor_override);
+  const Window2d& win = sz.win;
+  const int64_t B = sz.B, C = sz.C, H = sz.H, W = sz.W, Ho = sz.Ho, Wo = sz.Wo;
 
   c10::cuda::OptionalCUDAGuard device_guard(x_in.device());
   const at::MemoryFormat mf = pick_memory_format(x_in);

@@ -80,29 +80,9 @@ at::Tensor batch_norm_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
                                     const at::Tensor& scale_in, const at::Tensor& shift_in,
                                     double eps) {
   constexpr const char* op = "tsgb_ext.batch_norm_backward";
-  check_4d(op, "grad", grad_in);
-  check_4d(op, "x", x_in);
   cuda_detail::check_cuda(op, "x", x_in);
-  check_floating(op, "x", x_in);
-  check_same_device_dtype(op, "grad", grad_in, x_in);
-  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == C, op,
-              ": scale must be 1-D of size C = ", C, " (x has shape ", x_in.sizes(), "), got ",
-              scale_in.sizes());
-  TORCH_CHECK(shift_in.dim() == 1 && shift_in.size(0) == C, op,
-              ": shift must be 1-D of size C = ", C, " (x has shape ", x_in.sizes(), "), got ",
-              shift_in.sizes());
-  check_floating(op, "scale", scale_in);
-  check_floating(op, "shift", shift_in);
-  TORCH_CHECK(scale_in.device() == x_in.device(), op, ": scale must be on ", x_in.device(),
-              " like x, got ", scale_in.device());
-  TORCH_CHECK(shift_in.device() == x_in.device(), op, ": shift must be on ", x_in.device(),
-              " like x, got ", shift_in.device());
-  TORCH_CHECK(grad_in.size(1) == C && grad_in.size(2) == H && grad_in.size(3) == W, op,
-              ": grad must have shape (B, ", C, ", ", H, ", ", W, ") like x, got ",
-              grad_in.sizes());
-  check_target_batch(op, grad_in, N);
-  const int64_t B = grad_in.size(0);
+  const int64_t B = check_batch_norm_backward_args(op, grad_in, x_in, scale_in, shift_in);
+  const int64_t C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
 
   c10::cuda::OptionalCUDAGuard device_guard(x_in.device());
   const at::MemoryFormat mf = pick_memory_format(x_in);

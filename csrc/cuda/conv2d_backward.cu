@@ -428,40 +428,13 @@ at::Tensor conv_rule_cuda(const char* op, const at::Tensor& grad_in, const at::T
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups, double eps,
                           const BnArgs* bn) {
-  check_4d(op, "grad", grad_in);
-  check_4d(op, "x", x_in);
-  check_4d(op, "y", y_in);
   cuda_detail::check_cuda(op, "x", x_in);
-  check_floating(op, "x", x_in);
-  check_same_device_dtype(op, "grad", grad_in, x_in);
-  check_same_device_dtype(op, "y", y_in, x_in);
-  if (bn != nullptr) {
-    check_bn_params(op, y_in, bn->running_mean, bn->running_var, bn->weight, bn->bias, bn->act);
-  }
-  const double bn_eps = bn != nullptr ? bn->bn_eps : 0.0;
+  const ConvShapes sz = check_conv2d_backward_args(op, grad_in, x_in, y_in, kernel_size, stride,
+                                                   padding, dilation, groups, bn);
+  const Window2d& win = sz.win;
+  const int64_t B = sz.B, N = sz.N, C = sz.C, H = sz.H, W = sz.W, K = sz.K, Ho = sz.Ho, Wo = sz.Wo;
+  const double bn_eps = bn != nullptr ? bn->bn_eps : 0.0;  // inside scale (the BN's forward)
   const int64_t act = bn != nullptr ? bn->act : kActNone;
-  const Window2d win = make_window(op, kernel_size, stride, padding, dilation);
-  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
-
-  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  const int64_t K = y_in.size(1);
-  const int64_t Ho = conv_out_size(H, win.kh, win.sh, win.ph, win.dh);
-  const int64_t Wo = conv_out_size(W, win.kw, win.sw, win.pw, win.dw);
-  TORCH_CHECK(C % groups == 0, op, ": x's channels (", C, ") must be divisible by groups (",
-              groups, "); x has shape ", x_in.sizes());
-  TORCH_CHECK(K % groups == 0, op, ": y's channels (", K, ") must be divisible by groups (",
-              groups, "); y has shape ", y_in.sizes());
-  TORCH_CHECK(Ho >= 1 && Wo >= 1, op, ": the window (kernel_size ", kernel_size, ", stride ",
-              stride, ", padding ", padding, ", dilation ", dilation,
-              ") does not fit x's spatial size; x has shape ", x_in.sizes());
-  TORCH_CHECK(y_in.size(0) == N && y_in.size(2) == Ho && y_in.size(3) == Wo, op,
-              ": y must have shape (", N, ", K, ", Ho, ", ", Wo,
-              ") for x of shape ", x_in.sizes(), " and this window, got ", y_in.sizes());
-  TORCH_CHECK(grad_in.size(1) == K && grad_in.size(2) == Ho && grad_in.size(3) == Wo, op,
-              ": grad must have shape (B, ", K, ", ", Ho, ", ", Wo, ") like y, got ",
-              grad_in.sizes());
-  check_target_batch(op, grad_in, N);
-  const int64_t B = grad_in.size(0);
   const int64_t G = groups;
 
   c10::cuda::OptionalCUDAGuard device_guard(x_in.device());

@@ -41,29 +41,10 @@ at::Tensor linear_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_i
                                 const at::Tensor& wpos_in, const at::Tensor& wneg_in,
                                 double eps) {
   constexpr const char* op = "tsgb_ext.linear_backward";
-  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D (N, in_features), got shape ", x_in.sizes());
-  TORCH_CHECK(grad_in.dim() == 2, op, ": grad must be 2-D (B, out_features), got shape ",
-              grad_in.sizes());
-  TORCH_CHECK(wpos_in.dim() == 2, op, ": weight_pos must be 2-D (out, in), got shape ",
-              wpos_in.sizes());
-  TORCH_CHECK(wneg_in.dim() == 2, op, ": weight_neg must be 2-D (out, in), got shape ",
-              wneg_in.sizes());
   cuda_detail::check_cuda(op, "x", x_in);
-  check_floating(op, "x", x_in);
-  check_same_device_dtype(op, "grad", grad_in, x_in);
-  check_same_device_dtype(op, "weight_pos", wpos_in, x_in);
-  check_same_device_dtype(op, "weight_neg", wneg_in, x_in);
-  const int64_t N = x_in.size(0), in = x_in.size(1);
+  check_linear_backward_args(op, grad_in, x_in, wpos_in, wneg_in);
+  const int64_t B = grad_in.size(0), N = x_in.size(0), in = x_in.size(1);
   const int64_t out = wpos_in.size(0);
-  TORCH_CHECK(wpos_in.size(1) == in, op, ": weight_pos must have shape (out, ", in,
-              ") for x of shape ", x_in.sizes(), ", got ", wpos_in.sizes());
-  TORCH_CHECK(wneg_in.sizes() == wpos_in.sizes(), op,
-              ": weight_neg must have the shape of weight_pos ", wpos_in.sizes(), ", got ",
-              wneg_in.sizes());
-  TORCH_CHECK(grad_in.size(1) == out, op, ": grad must have shape (B, ", out,
-              ") for weights of shape ", wpos_in.sizes(), ", got ", grad_in.sizes());
-  check_target_batch(op, grad_in, N);
-  const int64_t B = grad_in.size(0);
 
   c10::cuda::OptionalCUDAGuard device_guard(x_in.device());
   if (B == 0 || in == 0) return at::empty({B, in}, x_in.options());

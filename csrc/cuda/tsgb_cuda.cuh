@@ -15,6 +15,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/checks.h"
 #include "common/tsgb_common.h"
 
 namespace tsgb {
