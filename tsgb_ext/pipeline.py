@@ -19,6 +19,7 @@ of an image come from one forward pass of the model (and T backward passes).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -100,15 +101,25 @@ _MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 def _open_regular(path: str):
     """``path`` opened for reading, only if it is a regular file: opened non-blocking first, so a
     FIFO (or a file swapped for one) raises instead of blocking forever."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(f"not a regular file: {path!r}")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        os.set_blocking(f.fileno(), True)
+        return f
     except BaseException:
-        os.close(fd)
+        f.close()
         raise
+
+
+@contextlib.contextmanager
+def _identified(path: str):
+    """Pillow's "cannot identify image file" error names the path, not the file object."""
+    from PIL import UnidentifiedImageError
+    try:
+        yield
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
 
 
 def open_rgb(path: str, size: Tuple[int, int]) -> torch.Tensor:
@@ -130,7 +141,7 @@ def open_rgb(path: str, size: Tuple[int, int]) -> torch.Tensor:
         Image.MAX_IMAGE_PIXELS = 89_478_485
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with _open_regular(path) as fh, Image.open(fh) as im:
+        with _open_regular(path) as fh, _identified(path), Image.open(fh) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (2 * size[1], 2 * size[0]))
             if im.mode in _MODES_16BIT:
