@@ -25,3 +25,12 @@ def tiny() -> nn.Module:
 
 def not_a_model():
     return "nope"
+
+
+def overflow() -> nn.Module:
+    """``tiny`` with finite weights so large that its activations overflow to inf: NaN maps."""
+    m = tiny()
+    with torch.no_grad():
+        m[0].weight.mul_(1e38)
+        m[3].weight.mul_(1e38)
+    return m

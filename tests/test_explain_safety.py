@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -19,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-import tsgb_ext
-from tsgb_ext import TSGB, _store, cli, explain_cli, explainer, pipeline
+from tsgb_ext import TSGB, _store, cli, explainer, pipeline
 
 PIL = pytest.importorskip("PIL")
 pytest.importorskip("tqdm")
@@ -78,8 +76,8 @@ def run(argv, **env):
 
 def run_sub(argv, fault=None, **kw):
     env = dict(ENV, **({"TSGB_EXPLAIN_FAULT": fault} if fault else {}))
-    return subprocess.run([sys.executable, "-m", "tsgb_ext.cli", "explain"] + [str(a) for a in argv],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300, **kw)
+    cmd = [sys.executable, "-m", "tsgb_ext.cli", "explain"] + [str(a) for a in argv]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, **kw)
 
 
 def index(out):
@@ -134,6 +132,38 @@ def test_kill_at_any_write_then_resume_keeps_every_target(imgs, tmp_path, point)
     rows = index(out)
     assert len(rows) == 12 and len({r["image"] for r in rows}) == 4
     assert debris(out) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("close", [True, False])
+def test_forked_workers_do_not_keep_the_lock(tmp_path, close):
+    """A DataLoader worker is a fork: it shares the lock unless its worker_init_fn
+    (close_inherited_locks, which the CLI passes) closes it; a worker outliving a killed run
+    would otherwise keep DIR locked."""
+    lock = _store.DirLock(str(tmp_path))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a worker that is still alive after its parent let go
+        try:
+            if close:
+                _store.close_inherited_locks(0)
+            os.write(w, b"x")
+            time.sleep(3)
+        finally:
+            os._exit(0)
+    try:
+        os.read(r, 1)
+        lock.release()
+        if close:
+            _store.DirLock(str(tmp_path)).release()
+        else:
+            with pytest.raises(_store.StoreError, match="in use"):
+                _store.DirLock(str(tmp_path))
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
 
 
 def test_resume_redoes_an_image_with_missing_targets(imgs, tmp_path, capsys):
@@ -384,6 +414,15 @@ def test_nothing_explained_exits_non_zero(tmp_path, capsys):
     assert run([tmp_path / "empty", "--out", tmp_path / "o2", *TINY]) == 2
     assert "no image files" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_images_whose_maps_are_not_finite_are_listed_not_written(imgs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run([imgs, "--out", out, "--model", "explain_factory:overflow", *TINY[2:]]) == 1
+    printed = capsys.readouterr()
+    assert "not finite" in printed.err and "no image could be explained" in printed.err
+    assert index(out) == [] and not (out / "shards").exists()
+    assert (out / "failed.csv").read_text().count("not finite") == 4
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

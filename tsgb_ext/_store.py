@@ -40,7 +40,6 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -130,11 +129,22 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def temp_file(folder: str, prefix: str) -> Tuple[int, str]:
+    """A new file ``folder/<prefix><random>.tmp`` (its own name, never shared with another
+    writer), opened for writing with the umask's permissions (``mkstemp`` would give 0600)."""
+    while True:
+        tmp = os.path.join(folder, f"{prefix}{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:  # pragma: no cover
+            continue
+
+
 def atomic_write(path: str, write: Callable[[io.BufferedWriter], None], tmp_prefix: str) -> None:
     """Write ``path`` whole or not at all: ``write(f)`` into a new temporary file in the same
     folder (a unique name starting with ``tmp_prefix``), fsync, ``os.replace``."""
     folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=tmp_prefix, suffix=".tmp")
+    fd, tmp = temp_file(folder, tmp_prefix)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -189,6 +199,20 @@ def check_out_path(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------ lock ----
+_held_fds: Set[int] = set()
+
+
+def close_inherited_locks(worker_id: object = None) -> None:
+    """In a forked child (a DataLoader worker, as its ``worker_init_fn``): close the inherited
+    lock file descriptors, so that a child outliving a killed parent does not keep DIR locked."""
+    for fd in list(_held_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
 class DirLock:
     """An exclusive ``fcntl.flock`` on ``DIR/.tsgb.lock`` (released when the holder exits, even
     by SIGKILL). The file records the holder's pid, host and start time."""
@@ -222,6 +246,7 @@ class DirLock:
                            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, info, 0)
+        _held_fds.add(self.fd)
 
     def release(self, remove: bool = False) -> None:
         if self.fd < 0:
@@ -231,6 +256,7 @@ class DirLock:
                 os.remove(self.path)
             except OSError:  # pragma: no cover
                 pass
+        _held_fds.discard(self.fd)
         os.close(self.fd)  # drops the flock
         self.fd = -1
 
@@ -378,7 +404,7 @@ class Store:
         path = os.path.join(self.out, rel)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=self.tmp_prefix, suffix=".tmp")
+        fd, tmp = temp_file(folder, self.tmp_prefix)
         os.close(fd)
         try:
             fig_save(tmp)

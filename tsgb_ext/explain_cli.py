@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import _store
-from ._store import COLUMNS, INDEX, StoreError, display
+from ._store import COLUMNS, INDEX, StoreError, display  # noqa: F401 (COLUMNS: API)
 from .cli import BACKENDS, CLIError, check_backend, resolve_device
 
 
@@ -142,7 +142,7 @@ def _add_explain(sub) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue the run DIR holds (same options): skip its complete images")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # testing: stop (like a kill, without the final merge) after this many shards
+    # testing: stop (like Ctrl-C: the index holds the shards written) after this many shards
     p.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_explain)
 
@@ -472,7 +472,8 @@ def _run(args, v, store, done, items, labels, names, expected, config, dev, back
     ds = pipeline.ImageFileDataset(mine, size)
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                      collate_fn=pipeline.collate, pin_memory=dev.type == "cuda",
-                                     persistent_workers=False)
+                                     persistent_workers=False,
+                                     worker_init_fn=_store.close_inherited_locks)
     if args.top_k:
         target, top_k = "top1", args.top_k
     elif labels is not None:
