@@ -171,7 +171,7 @@ def test_torchvision_arch_with_weights(imgs, tmp_path):
 def test_interrupted_run_then_resume(imgs, tmp_path, capsys):
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     args = [imgs, *TINY, "--top-k", "2", "--batch-size", "1", "--shard-size", "2"]
-    # stopped (like a kill) after its first shard: 1 image, 2 maps indexed, nothing merged
+    # stopped (like Ctrl-C) after its first shard: the index holds its 1 image, 2 maps
     assert run([*args, "--out", out, "--stop-after-shards", "1"]) == 130
     assert len(index(out)) == 2
     assert "--resume" in capsys.readouterr().err
