@@ -70,26 +70,72 @@ def _bind_conv2d(args, kwargs):
     return bound
 
 
-class _ConvInterceptor(TorchFunctionMode):
-    """Routes the ``conv2d`` calls a Conv2d subclass's own ``forward`` makes with its own
-    weight (e.g. "same"-padding convs that pad, then call ``F.conv2d``) to the TSGB op."""
+def _bind(names, defaults, args, kwargs):
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
 
-    def __init__(self, module: nn.Conv2d, conversion: "Conversion"):
+
+_BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+_BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+_POOL_NAMES = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+               "divisor_override")
+_POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                  "divisor_override": None}
+_LINEAR_NAMES = ("input", "weight", "bias")
+
+#: What each rule's functional call is, inside a subclass's own forward.
+_RULE_FUNCS = {"conv": (torch.conv2d,), "batchnorm": (F.batch_norm,),
+               "avgpool": (F.avg_pool2d,), "classifier": (F.linear,), "deferred": (F.linear,)}
+_RULE_OF = (("conv", nn.Conv2d, "conv2d"), ("batchnorm", nn.BatchNorm2d, "batch_norm"),
+            ("avgpool", nn.AvgPool2d, "avg_pool2d"), ("linear", nn.Linear, "linear"))
+
+
+def _rule_kind(m: nn.Module) -> Optional[str]:
+    for kind, base, _ in _RULE_OF:
+        if isinstance(m, base):
+            return kind
+    return None
+
+
+def _own_forward(m: nn.Module) -> bool:
+    """True for a subclass of a rule layer whose class overrides ``forward`` (or, for convs,
+    ``_conv_forward``): its own forward runs, and its functional call gets the rule."""
+    for _, base, _ in _RULE_OF:
+        if isinstance(m, base):
+            names = ("forward", "_conv_forward") if base is nn.Conv2d else ("forward",)
+            return _overrides(m, base, *names)
+    return False
+
+
+class _RuleInterceptor(TorchFunctionMode):
+    """Runs while the own ``forward`` of a subclass of a rule layer runs (timm's
+    ``BatchNormAct2d``, ``AvgPool2dSame``, ``Conv2dSame``, ``StdConv2d``, TF "same"-padding
+    convs, ...): each functional call of the layer's kind (``conv2d``, ``batch_norm``,
+    ``avg_pool2d``; ``linear`` in the classifier) on a 4-D input (any input for ``linear``) is
+    routed to the backend's op, which computes the same output and records the TSGB rule. The
+    conv rule needs only the window geometry, the input and the output, so a conv2d call with a
+    derived weight (weight standardisation) takes it as well. Everything else the forward does
+    (padding, activation, dropout) keeps its ordinary gradient."""
+
+    def __init__(self, kind: str, module: nn.Module, conversion: "Conversion"):
         super().__init__()
-        self.module = module
-        self.conversion = conversion
+        self.kind, self.module, self.conversion = kind, module, conversion
         self.hits = 0
+        self.results: List[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.conv2d:
-            b = _bind_conv2d(args, kwargs)
-            if b["weight"] is self.module.weight and b["input"].dim() == 4:
-                self.hits += 1
-                x, padding = _conv_args(b["input"], b["weight"], b["padding"], _pair(b["dilation"]))
-                return self.conversion.backend.conv2d(x, b["weight"], b["bias"], _pair(b["stride"]),
-                                                      padding, _pair(b["dilation"]), b["groups"])
-        return func(*args, **kwargs)
+        if func not in _RULE_FUNCS[self.kind]:
+            return func(*args, **kwargs)
+        out = self.conversion._routed_call(self.kind, self.module, args, kwargs)
+        if out is None:  # not a call the rule is defined for (e.g. a 3-D batch_norm)
+            return func(*args, **kwargs)
+        self.hits += 1
+        self.results.append(out)
+        return out
 
 
 class _ClassifierState:
@@ -167,8 +213,11 @@ class _FusedBlock(nn.Module):
         if fused is None or self.__dict__.get("subclass_unfusable"):
             return self._unfused(x)
         if not _overrides(conv, nn.Conv2d, "forward", "_conv_forward"):
-            return self._fused_call(fused, x, conv.weight, conv.bias, conv.stride, conv.padding,
-                                    conv.dilation, conv.groups)
+            out = self._fused_call(fused, x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                   conv.dilation, conv.groups)
+            # the block's output carries the conv output's relevance (BN and ReLU conserve it)
+            self.plan.conversion._watch(conv, out, conv.groups)
+            return out
         # A Conv2d subclass with its own forward (e.g. "same" padding: pad, then F.conv2d): run
         # it, with its conv2d call (its own weight) replaced by the fused op. Fused only if that
         # call's result is what the forward returns; otherwise this call and later ones run
@@ -177,14 +226,15 @@ class _FusedBlock(nn.Module):
         with mode:
             out = type(conv).forward(conv, x)
         if mode.hits == 1 and out is mode.result:
+            self.plan.conversion._watch(conv, out, conv.groups)
             return out
         self.__dict__["subclass_unfusable"] = True
         return self._unfused(x)
 
 
 class _FusedConvInterceptor(TorchFunctionMode):
-    """Inside a fused block's Conv2d subclass forward: its conv2d call with its own weight
-    becomes the block's fused conv -> BN -> activation op."""
+    """Inside a fused block's Conv2d subclass forward: its conv2d call (its own weight, or one
+    derived from it) becomes the block's fused conv -> BN -> activation op."""
 
     def __init__(self, block: "_FusedBlock", fused: Callable):
         super().__init__()
@@ -195,7 +245,7 @@ class _FusedConvInterceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.conv2d and self.hits == 0:
             b = _bind_conv2d(args, kwargs)
-            if b["weight"] is self.block.conv_.weight and b["input"].dim() == 4:
+            if b["input"].dim() == 4:  # its own weight or one derived from it (StdConv2d)
                 self.hits += 1
                 self.result = self.block._fused_call(self.fused, b["input"], b["weight"], b["bias"],
                                                      b["stride"], b["padding"], b["dilation"],
@@ -307,11 +357,19 @@ def _build_plan(model: nn.Module, fingerprint) -> _FusionPlan:
     return plan
 
 
+def _check_tol(*dtypes) -> Optional[float]:
+    """Below this ratio |sum of relevance| / sum of |relevance| a single-position conv's
+    relevance is zero up to rounding (None: too coarse a dtype to tell)."""
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    return 1e3 * eps if eps < 1e-6 else None
+
+
 class Conversion:
     """Context manager: the model converted for TSGB inside, exactly restored on exit."""
 
     def __init__(self, model: nn.Module, backend, classifier: Optional[nn.Module],
-                 names: Dict[nn.Module, str], fusion_cache: Optional[dict] = None):
+                 names: Dict[nn.Module, str], fusion_cache: Optional[dict] = None,
+                 warned: Optional[set] = None):
         self.model = model
         # conv -> BN -> activation fusion through a traced graph; None: off. The dict caches
         # the plan between conversions of the same module tree (key "plan").
@@ -322,7 +380,21 @@ class Conversion:
         self.state = _ClassifierState()
         self._undo: List[Callable[[], None]] = []
         self._deferred: List[Callable[[], None]] = []
-        self._warned: set = set()
+        # (module, what) pairs already warned about; shared by an explainer's conversions
+        self._warned: set = warned if warned is not None else set()
+        # subclasses with their own forward: module -> {"kind", "hits", "output_is_result"}
+        self.observed: Dict[nn.Module, dict] = {}
+        # degenerate-map check: None (off), or a list the single-position convs' backward
+        # hooks append (module, |sum_k g*y|, sum_k |g*y|, tolerance) to
+        self.watch: Optional[list] = None
+
+    def _name(self, m: nn.Module) -> str:
+        return self.names.get(m, type(m).__name__)
+
+    def _warn_once(self, m: nn.Module, what: str, msg: str) -> None:
+        if (m, what) not in self._warned:
+            self._warned.add((m, what))
+            warnings.warn(msg, stacklevel=4)
 
     # -- patching ---------------------------------------------------------------------
     def _set_forward(self, m: nn.Module, fn: Callable) -> Callable[[], None]:
@@ -338,31 +410,140 @@ class Conversion:
         m.__dict__["forward"] = fn
         return undo
 
+    # -- the rules' calls (also the ones a subclass's own forward makes) ----------------
+    def _conv_call(self, m, x, weight, bias, stride, padding, dilation, groups):
+        x, padding = _conv_args(x, weight, padding, _pair(dilation))
+        out = self.backend.conv2d(x, weight, bias, _pair(stride), padding, _pair(dilation),
+                                  groups)
+        self._watch(m, out, groups)
+        return out
+
+    def _bn_call(self, x, running_mean, running_var, weight, bias, eps, training=False):
+        if running_mean is None or running_var is None or training:
+            # track_running_stats=False (or a forward that asks for batch statistics): the
+            # batch's statistics, as that forward computes them; the buffers stay untouched
+            with torch.no_grad():
+                running_var, running_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        return self.backend.batch_norm(x, running_mean, running_var, weight, bias, eps)
+
+    def _pool_call(self, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                   divisor_override):
+        if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+            stride = kernel_size
+        return self.backend.avg_pool2d(x, _pair(kernel_size), _pair(stride), _pair(padding),
+                                       bool(ceil_mode), bool(count_include_pad),
+                                       divisor_override)
+
+    def _routed_call(self, kind: str, m: nn.Module, args, kwargs):
+        """A functional call made inside a subclass's own forward, as the rule's op (None: the
+        rule is not defined for it, e.g. a 3-D input)."""
+        if kind == "conv":
+            b = _bind_conv2d(args, kwargs)
+            if b["input"].dim() != 4:
+                return None
+            return self._conv_call(m, b["input"], b["weight"], b["bias"], b["stride"],
+                                   b["padding"], b["dilation"], b["groups"])
+        if kind == "batchnorm":
+            b = _bind(_BN_NAMES, _BN_DEFAULTS, args, kwargs)
+            if b["input"].dim() != 4:
+                return None
+            return self._bn_call(b["input"], b["running_mean"], b["running_var"], b["weight"],
+                                 b["bias"], b["eps"], b["training"])
+        if kind == "avgpool":
+            b = _bind(_POOL_NAMES, _POOL_DEFAULTS, args, kwargs)
+            if b["input"].dim() != 4:
+                return None
+            return self._pool_call(b["input"], b["kernel_size"], b["stride"], b["padding"],
+                                   b["ceil_mode"], b["count_include_pad"],
+                                   b["divisor_override"])
+        b = _bind(_LINEAR_NAMES, {"bias": None}, args, kwargs)
+        if kind == "classifier":
+            return self.backend.linear(b["input"], b["weight"], b["bias"])
+        return _DeferredLinear.apply(b["input"], b["weight"], b["bias"], m, self.state, self)
+
+    def _patch_own(self, m: nn.Module, kind: str) -> Callable[[], None]:
+        """A subclass of a rule layer with its own forward: that forward runs unchanged, with
+        its functional call(s) of the layer's kind routed to the rule's op."""
+        conv = self
+        original = m.forward  # bound method of the subclass (or an instance forward)
+
+        def forward(*args, **kwargs):
+            mode = _RuleInterceptor(kind, m, conv)
+            with mode:
+                out = original(*args, **kwargs)
+            conv._observe(m, kind, mode, out)
+            return out
+        return self._set_forward(m, forward)
+
+    def _observe(self, m: nn.Module, kind: str, mode: "_RuleInterceptor", out) -> None:
+        is_result = any(out is r for r in mode.results)
+        self.observed[m] = {"kind": kind, "hits": mode.hits, "output_is_result": is_result}
+        what = {"conv": "conv2d", "batchnorm": "batch_norm", "avgpool": "avg_pool2d",
+                "classifier": "linear", "deferred": "linear"}[kind]
+        label = f"tsgb_ext: {self._name(m)} ({type(m).__name__})"
+        if mode.hits == 0 and kind != "deferred":
+            rule = {"conv": "TSGB conv", "batchnorm": "BatchNorm", "avgpool": "AvgPool",
+                    "classifier": "TSGB-FC"}[kind]
+            self._warn_once(m, "no-call",
+                            f"{label} overrides forward and made no {what} call on a 4-D input; "
+                            f"it keeps its ordinary gradient instead of the {rule} rule")
+        elif kind == "conv" and mode.hits and not is_result:
+            self._warn_once(m, "not-output",
+                            f"{label} overrides forward and returns something other than the "
+                            f"result of its conv2d call: that call got the TSGB conv rule, what "
+                            f"its forward does to the result keeps its ordinary gradient")
+
+    def _watch(self, m: nn.Module, out, groups: int) -> None:
+        """Degenerate-map check: a conv with a single output position hands on the sum of its
+        output's relevance, sum_k g*y. When all of the classifier's relevance (which sums to
+        zero by the TSGB-FC rule) passes such a conv, the map is zero up to rounding."""
+        w = self.watch
+        if (w is None or not isinstance(out, torch.Tensor) or out.dim() != 4
+                or out.shape[2] * out.shape[3] != 1 or not out.requires_grad
+                or torch.compiler.is_compiling()):
+            return
+        y = out.detach().clone()  # tiny (N, K, 1, 1); the model may change out in place
+        groups = int(groups)
+
+        def hook(g):
+            with torch.no_grad():
+                yy = y if g.shape[0] == y.shape[0] else y.repeat(g.shape[0] // y.shape[0], 1, 1, 1)
+                gy = (g.double() * yy.double()).reshape(g.shape[0], groups, -1)
+                w.append((m, gy.sum(2).abs(), gy.abs().sum(2), _check_tol(g.dtype, y.dtype)))
+        out.register_hook(hook)
+
+    def degenerate(self) -> List[Tuple[nn.Module, float]]:
+        """Convs found to hand on relevance that sums to zero (see ``_watch``): (module,
+        largest |sum| / magnitude over the samples), after a backward with ``watch`` on."""
+        found: Dict[nn.Module, float] = {}
+        clear: set = set()
+        for m, s, mag, tol in self.watch or ():
+            pos = mag > 0
+            if tol is None or not bool(pos.any()):
+                continue
+            r = float((s[pos] / mag[pos]).max())
+            if r <= tol:
+                found[m] = max(found.get(m, 0.0), r)
+            else:
+                clear.add(m)
+        return [(m, r) for m, r in found.items() if m not in clear]
+
     def _patch_conv(self, m: nn.Conv2d) -> None:
         conv = self
-        if _overrides(m, nn.Conv2d, "forward", "_conv_forward"):
-            original = m.forward  # bound method of the subclass (or an instance forward)
+        if _own_forward(m):
+            self._patch_own(m, "conv")
+            return
 
-            def forward(*args, **kwargs):
-                mode = _ConvInterceptor(m, conv)
-                with mode:
-                    out = original(*args, **kwargs)
-                if mode.hits == 0 and m not in conv._warned:
-                    conv._warned.add(m)
-                    warnings.warn(
-                        f"tsgb_ext: {conv.names.get(m, type(m).__name__)} ({type(m).__name__}) "
-                        "overrides forward and did not call conv2d with its own weight; it keeps "
-                        "its ordinary gradient instead of the TSGB conv rule", stacklevel=2)
-                return out
-        else:
-            def forward(x):
-                if m.padding_mode != "zeros":
-                    x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-                    padding = (0, 0)
-                else:
-                    x, padding = _conv_args(x, m.weight, m.padding, m.dilation)
-                return conv.backend.conv2d(x, m.weight, m.bias, m.stride, padding, m.dilation,
-                                           m.groups)
+        def forward(x):
+            if m.padding_mode != "zeros":
+                x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+                padding = (0, 0)
+            else:
+                x, padding = _conv_args(x, m.weight, m.padding, m.dilation)
+            out = conv.backend.conv2d(x, m.weight, m.bias, m.stride, padding, m.dilation,
+                                      m.groups)
+            conv._watch(m, out, m.groups)
+            return out
         self._set_forward(m, forward)
 
     def _patch_conv_relu(self, m: nn.Conv2d, relu: nn.ReLU) -> None:
@@ -377,10 +558,13 @@ class Conversion:
         def forward(x):
             x, padding = _conv_args(x, m.weight, m.padding, m.dilation)
             if fused():
-                return conv.backend.conv2d_relu(x, m.weight, m.bias, m.stride, padding,
-                                                m.dilation, m.groups)
-            return conv.backend.conv2d(x, m.weight, m.bias, m.stride, padding, m.dilation,
-                                       m.groups)
+                out = conv.backend.conv2d_relu(x, m.weight, m.bias, m.stride, padding,
+                                               m.dilation, m.groups)
+            else:
+                out = conv.backend.conv2d(x, m.weight, m.bias, m.stride, padding, m.dilation,
+                                          m.groups)
+            conv._watch(m, out, m.groups)  # relu(y) carries the same relevance as y
+            return out
 
         def relu_forward(x):
             return x if fused() else F.relu(x)
@@ -414,29 +598,32 @@ class Conversion:
 
     def _patch_bn(self, m: nn.BatchNorm2d) -> None:
         conv = self
+        if _own_forward(m):  # e.g. timm's BatchNormAct2d: BN, then drop and act
+            self._patch_own(m, "batchnorm")
+            return
 
         def forward(x):
             if x.dim() != 4:
                 raise ValueError(f"expected 4D input to {type(m).__name__} (got {x.dim()}D input)")
-            rm, rv = m.running_mean, m.running_var
-            if rm is None or rv is None:  # track_running_stats=False: batch statistics
-                with torch.no_grad():
-                    rv, rm = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-            return conv.backend.batch_norm(x, rm, rv, m.weight, m.bias, m.eps)
+            return conv._bn_call(x, m.running_mean, m.running_var, m.weight, m.bias, m.eps)
         self._set_forward(m, forward)
 
     def _patch_avgpool(self, m: nn.AvgPool2d) -> None:
         conv = self
+        if _own_forward(m):  # e.g. timm's AvgPool2dSame: pads, then avg_pool2d
+            self._patch_own(m, "avgpool")
+            return
 
         def forward(x):
-            stride = m.stride if m.stride is not None and m.stride != [] else m.kernel_size
-            return conv.backend.avg_pool2d(x, _pair(m.kernel_size), _pair(stride),
-                                           _pair(m.padding), m.ceil_mode, m.count_include_pad,
-                                           m.divisor_override)
+            return conv._pool_call(x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                   m.count_include_pad, m.divisor_override)
         self._set_forward(m, forward)
 
     def _patch_classifier(self, m: nn.Linear) -> None:
         conv = self
+        if _own_forward(m):
+            self._patch_own(m, "classifier")
+            return
 
         def forward(x):
             return conv.backend.linear(x, m.weight, m.bias)
@@ -444,6 +631,9 @@ class Conversion:
 
     def _patch_deferred(self, m: nn.Linear) -> None:
         conv = self
+        if _own_forward(m):
+            self._deferred.append(self._patch_own(m, "deferred"))
+            return
 
         def forward(x):
             return _DeferredLinear.apply(x, m.weight, m.bias, m, conv.state, conv)
@@ -496,9 +686,9 @@ class Conversion:
                 pass
             elif isinstance(m, nn.Conv2d):
                 self._patch_conv(m)
-            elif isinstance(m, nn.BatchNorm2d) and not _overrides(m, nn.BatchNorm2d, "forward"):
+            elif isinstance(m, nn.BatchNorm2d):
                 self._patch_bn(m)
-            elif isinstance(m, nn.AvgPool2d) and not _overrides(m, nn.AvgPool2d, "forward"):
+            elif isinstance(m, nn.AvgPool2d):
                 self._patch_avgpool(m)
             elif isinstance(m, nn.Linear):
                 if self.classifier is not None:
@@ -553,3 +743,59 @@ class Conversion:
         while self._undo:
             self._undo.pop()()
         self._deferred.clear()
+
+
+# ---- which module gets which rule (TSGB.report) -----------------------------------------------
+_LOOKALIKE = ("conv", "batchnorm", "norm2d", "avgpool", "linear")
+
+
+def describe_rules(model: nn.Module, classifier: Optional[nn.Module], observed: Dict,
+                   degenerate: Dict, fused: set) -> List[Tuple[str, str, str, str]]:
+    """Rows (name, type, rule, note) for TSGB.report(): every Conv2d, BatchNorm2d, AvgPool2d
+    and Linear (subclasses included) with the rule it gets, and every other module whose class
+    name looks like one of them (Conv1d, ConvTranspose2d, SyncBatchNorm, FrozenBatchNorm2d,
+    CondConv2d, ...) with "gradient": it keeps its ordinary gradient."""
+    rows = []
+    for name, m in model.named_modules():
+        kind = _rule_kind(m)
+        tname = type(m).__name__
+        notes = []
+        if kind is None:
+            low = tname.lower()
+            own = any(True for _ in m.parameters(recurse=False)) or any(
+                True for _ in m.buffers(recurse=False))
+            if own and any(k in low for k in _LOOKALIKE):
+                rows.append((name, tname, "gradient",
+                             "not an nn.Conv2d/BatchNorm2d/AvgPool2d/Linear: ordinary gradient"))
+            continue
+        rule = kind
+        if kind == "linear":
+            if m is classifier:
+                rule = "classifier"
+            else:
+                rule = "gradient"
+                notes.append("classifier not known yet" if classifier is None
+                             else "not the classifier")
+        if _own_forward(m) and rule != "gradient":
+            what = {"conv": "conv2d", "batchnorm": "batch_norm", "avgpool": "avg_pool2d",
+                    "classifier": "linear"}[rule]
+            obs = observed.get(m)
+            if obs is None:
+                notes.append(f"own forward: its {what} calls get the rule (not run yet)")
+            elif obs["hits"] == 0:
+                rule = "gradient"
+                notes.append(f"own forward made no {what} call: ordinary gradient (warned)")
+            else:
+                notes.append(f"own forward: {obs['hits']} {what} call(s) get the rule")
+                if not obs["output_is_result"]:
+                    notes.append("the rest of its forward keeps ordinary gradients"
+                                 + (" (warned)" if rule == "conv" else ""))
+        elif rule == "conv" and m.padding_mode != "zeros":
+            notes.append(f"rule over the {m.padding_mode}-padded input")
+        if m in fused:
+            notes.append("fused conv -> BN (-> act) op")
+        if m in degenerate:
+            notes.append(f"DEGENERATE: single output position, relevance sums to zero "
+                         f"({degenerate[m]:.1e}); maps are rounding noise (warned)")
+        rows.append((name, tname, rule, "; ".join(notes)))
+    return rows

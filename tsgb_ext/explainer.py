@@ -163,6 +163,11 @@ class TSGB:
             raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
         self.fuse = fuse
         self._fusion_cache: Optional[dict] = {} if fuse else None
+        self._warned: set = set()        # (module, what) pairs warned about, once each
+        self._check_degenerate = True    # the first completed call checks for degenerate maps
+        self._degenerate: Dict[nn.Module, float] = {}
+        self._observed: Dict[nn.Module, dict] = {}
+        self._last_classifier: Optional[nn.Module] = None
 
     def _resolve_classifier(self, classifier) -> Optional[nn.Linear]:
         if classifier is None:
@@ -209,7 +214,7 @@ class TSGB:
             raise RuntimeError("this TSGB explainer is already active in a with-block")
         fusion = self._fusion_cache if self.backend != "hooks" else None
         self._conversion = Conversion(self.model, tsgb_hooks.BACKEND, self.classifier,
-                                      self._names, fusion).__enter__()
+                                      self._names, fusion, self._warned).__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -264,29 +269,36 @@ class TSGB:
         _check_call(x)
         return self._explain(x, select, amp_dtype)
 
-    def _explain(self, x, select, amp_dtype):
-        """``explain`` for an already validated ``x``."""
+    def _explain(self, x, select, amp_dtype, forward_args=(), per_element=False):
+        """``explain`` for an already validated ``x``; the model runs as
+        ``model(x, *forward_args)``; ``per_element``: the maps are ``gx * x`` (N, C, H, W),
+        not summed over channels (one target per sample only)."""
         backend = self._backend_for(x.device)
         self.last_backend = backend.name
         with _tf32_off(x.is_cuda and not self.allow_tf32):
             if self._conversion is not None:
-                return self._run(self._conversion, backend, x, select, amp_dtype)
+                return self._run(self._conversion, backend, x, select, amp_dtype, forward_args,
+                                 per_element)
             fusion = self._fusion_cache if getattr(backend, "conv2d_bn_act", None) else None
-            with Conversion(self.model, backend, self.classifier, self._names, fusion) as conv:
-                return self._run(conv, backend, x, select, amp_dtype)
+            with Conversion(self.model, backend, self.classifier, self._names, fusion,
+                            self._warned) as conv:
+                return self._run(conv, backend, x, select, amp_dtype, forward_args, per_element)
 
-    def _run(self, conv: Conversion, backend, x, select, amp_dtype):
+    def _run(self, conv: Conversion, backend, x, select, amp_dtype, forward_args=(),
+             per_element=False):
         conv.backend = backend
         xin = x.detach()
         if xin.is_inference():
             xin = xin.clone()
         amp = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
                else contextlib.nullcontext())
+        check = self._check_degenerate
+        conv.watch = [] if check else None
         with torch.enable_grad():
             xin.requires_grad_(True)
             conv.begin_forward()
             with amp:
-                logits = _logits(self.model(xin))
+                logits = _logits(self.model(xin, *forward_args))
             if logits.shape[0] != x.shape[0]:
                 raise ValueError(f"the model returned {logits.shape[0]} rows of scores for "
                                  f"{x.shape[0]} samples")
@@ -304,12 +316,93 @@ class TSGB:
                 with torch.autocast(x.device.type, enabled=False):
                     (gx,) = torch.autograd.grad(logits, xin, g, retain_graph=j < T - 1)
                 with torch.no_grad():
-                    maps.append((gx * x).sum(1, keepdim=True))
+                    maps.append(gx * x if per_element else (gx * x).sum(1, keepdim=True))
+        if check:
+            self._report_degenerate(conv)
+        self._observed.update(conv.observed)
+        self._last_classifier = clf
         if self.classifier is None and conv is self._conversion:
             # inside a with-block: fix the classifier found by this first call
             conv.fix_classifier(clf)
         sal = maps[0] if T == 1 else torch.cat(maps, 1)
         return sal.to(x.dtype), tgt, logits.detach()
+
+
+    def _report_degenerate(self, conv: Conversion) -> None:
+        found = conv.degenerate()
+        # checked once, unless this call's dtype was too coarse to tell (bf16/fp16)
+        self._check_degenerate = any(e[3] is None for e in conv.watch or ())
+        conv.watch = None
+        for m, ratio in found:
+            self._degenerate[m] = ratio
+            conv._warn_once(
+                m, "degenerate",
+                f"tsgb_ext: the TSGB maps of this model are zero up to rounding: "
+                f"{self._names.get(m, type(m).__name__)} ({type(m).__name__}) is a conv with a "
+                f"single output position, and the relevance it receives sums to zero (|sum| = "
+                f"{ratio:.1e} x its magnitude): the TSGB-FC rule makes the classifier's input "
+                f"relevance sum to zero, and the conv rule hands on only that sum. What remains "
+                f"is rounding noise (it changes with any perturbation of the input); the spec "
+                f"gives this architecture no usable TSGB map")
+
+    def report(self, x: Optional[torch.Tensor] = None, target: TargetLike = None) -> "RuleReport":
+        """Which modules get which TSGB rule (and which keep their ordinary gradient).
+
+        With ``x``, one ``attribute(x, target)`` call runs first, so that the classifier,
+        what subclasses with their own forward did and degenerate layers are known (without
+        it, what earlier calls of this explainer saw). Returns a :class:`RuleReport`:
+        ``rows`` (name, type, rule, note) and ``print(report)`` for a table.
+        """
+        if x is not None:
+            self.attribute(x, target)
+        from ._convert import describe_rules
+        clf = self.classifier if self.classifier is not None else self._last_classifier
+        fused = set()
+        plan = (self._fusion_cache or {}).get("plan")
+        if plan is not None and plan.graph_module is not None and self.backend != "hooks":
+            for b in plan.graph_module.modules():
+                if type(b).__name__ == "_FusedBlock" and not b.__dict__.get("subclass_unfusable"):
+                    fused.update((b.conv_, b.bn_))
+        rows = describe_rules(self.model, clf, self._observed, self._degenerate, fused)
+        return RuleReport(rows, classifier_known=clf is not None)
+
+
+class RuleReport:
+    """``TSGB.report()``: one row per module that gets a TSGB rule, per subclass of a rule
+    layer that does not, and per conv/norm/pool-like module without a rule.
+
+    ``rows``: list of ``(name, type, rule, note)``; ``rule`` is one of ``"conv"``,
+    ``"batchnorm"``, ``"avgpool"``, ``"classifier"`` or ``"gradient"`` (ordinary gradient).
+    ``by_rule(rule)`` lists the names with that rule; ``str(report)`` is a table."""
+
+    def __init__(self, rows, classifier_known: bool = True):
+        self.rows = list(rows)
+        self.classifier_known = classifier_known
+
+    def by_rule(self, rule: str):
+        return [r[0] for r in self.rows if r[2] == rule]
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __str__(self) -> str:
+        head = ("module", "type", "rule", "note")
+        rows = [head] + [tuple(str(c) for c in r) for r in self.rows]
+        w = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip() for r in rows]
+        counts = {}
+        for r in self.rows:
+            counts[r[2]] = counts.get(r[2], 0) + 1
+        lines.append(", ".join(f"{k}: {v}" for k, v in counts.items())
+                     + ("" if self.classifier_known else
+                        "; classifier: the last nn.Linear the first call runs (call "
+                        "report(x) to see it)"))
+        return "\n".join(lines)
+
+    __repr__ = __str__
 
 
 def _check_call(x) -> None:
