@@ -162,7 +162,7 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None], tmp_pref
 
 def csv_bytes(rows: Iterable[Dict[str, object]], header: Sequence[str] = COLUMNS) -> bytes:
     buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=list(header), extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=list(header), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue().encode(**ENCODING)
@@ -430,7 +430,7 @@ class Store:
 
     def write_failed(self, failed: Sequence[Tuple[str, str]]) -> None:
         buf = io.StringIO(newline="")
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")
         w.writerow(["image", "error"])
         w.writerows(failed)
         data = buf.getvalue().encode(**ENCODING)

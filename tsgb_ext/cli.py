@@ -41,8 +41,14 @@ def _positive_top_k(text: str) -> int:
     return k
 
 
+DEVICE_HELP = "auto (default: cuda if available, else cpu), cpu, cuda or cuda:N"
+
+
 def resolve_device(spec: str) -> torch.device:
-    """Parse ``--device`` and check that it can be used here."""
+    """Parse ``--device`` (``auto``: cuda if available, else cpu) and check that it can be
+    used here."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(spec)
     except (RuntimeError, ValueError) as e:
@@ -265,7 +271,7 @@ def _add_demo(sub) -> None:
                    help="directory for the PNG figures (created if missing)")
     p.add_argument("--top-k", type=_positive_top_k, default=3, metavar="K",
                    help=f"explain each photo's K top classes, 1..{MAX_TOP_K} (default: 3)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="TSGB backend: auto (native where available, else hooks), native (the "
                         "compiled ops) or hooks (pure PyTorch); default: auto")

@@ -125,9 +125,9 @@ def _add_explain(sub) -> None:
                    help="images per forward pass (default 16)")
     g.add_argument("--workers", type=_int_at_least(0), default=2, metavar="N",
                    help="DataLoader worker processes decoding images (default 2; 0: in process)")
-    g.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu; under "
-                        "torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--device", default="auto",
+                   help="auto (default: cuda if available, else cpu; under torchrun: "
+                        "cuda:LOCAL_RANK), cpu, cuda or cuda:N")
     g.add_argument("--amp", choices=("bf16", "fp16"),
                    help="autocast the forward pass (faster on GPUs; maps are far less accurate: "
                         "TSGB divides by activations)")
@@ -267,15 +267,9 @@ class _Writer:
 
 def _png(store: _store.Store, name: str, rgb: torch.Tensor, maps: torch.Tensor,
          titles: List[str], image_title: str) -> str:
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     from . import viz
     fig = viz.explanation_figure(rgb, maps, titles, image_title=display(image_title)[:60],
                                  suptitle="TSGB: red = evidence for the class, blue = against")
-    sm = ScalarMappable(norm=Normalize(-1, 1), cmap=colormaps["RdBu_r"])
-    fig.colorbar(sm, ax=fig.axes[-1], fraction=0.046, pad=0.02, label="scaled evidence")
     rel = f"{_store.PNG}/{name}.png"
     _inside(store.out, rel)
     with warnings.catch_warnings():
@@ -349,7 +343,7 @@ def _explain(args: argparse.Namespace, v: dict, ctx: dict) -> int:
     from . import __version__, models, pipeline
 
     world, rank, local = _dist_info()
-    if args.device is None:
+    if args.device in (None, "auto"):
         dev_spec = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and world > 1:
         dev_spec = f"cuda:{local}"

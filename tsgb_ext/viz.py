@@ -164,7 +164,8 @@ def explanation_figure(image, maps: torch.Tensor, titles: Sequence[str],
                        suptitle: Optional[str] = None, *, percentile: float = 99.0,
                        sigma: float = 1.5, clip_percentile: Optional[float] = 99.5,
                        negative: float = 0.5, panel_height: float = 3.0,
-                       image_title: str = "input", dividers: Sequence[Tuple[str, float]] = ()):
+                       image_title: str = "input", dividers: Sequence[Tuple[str, float]] = (),
+                       colorbar: bool = True):
     """A figure for one image: the photo, then one overlaid panel per map.
 
     Args:
@@ -175,6 +176,7 @@ def explanation_figure(image, maps: torch.Tensor, titles: Sequence[str],
         dividers: lines to draw on every panel, ("v", x) or ("h", y) in pixels (mosaic tiles).
         percentile, sigma, clip_percentile: display scaling, see :func:`normalize_map`.
         negative: opacity factor of negative evidence (blue), see :func:`heat_rgba`.
+        colorbar: a colour bar beside the last panel (the display scale, -1 .. 1).
     Returns:
         a ``matplotlib.figure.Figure`` (Agg canvas); save it with :func:`save_figure`.
     """
@@ -205,6 +207,12 @@ def explanation_figure(image, maps: torch.Tensor, titles: Sequence[str],
     for ax in axes:
         for kind, pos in dividers:
             (ax.axvline if kind == "v" else ax.axhline)(pos - 0.5, color="white", lw=1.2)
+    if colorbar:
+        from matplotlib import colormaps
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+        sm = ScalarMappable(norm=Normalize(-1, 1), cmap=colormaps["RdBu_r"])
+        fig.colorbar(sm, ax=axes[-1], fraction=0.046, pad=0.02, label="scaled evidence")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     return fig
