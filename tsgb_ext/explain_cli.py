@@ -102,10 +102,12 @@ def _add_explain(sub) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="efficientnet-lite0",
                    help="efficientnet-lite0 (bundled, pretrained; default), a torchvision "
-                        "classification architecture (resnet18, ...) with --weights, or "
-                        "package.module:factory")
+                        "classification architecture (resnet18, ...) with --weights, "
+                        "timm:NAME (timm:efficientnet_b0, ...; its own preprocessing) with "
+                        "--weights, or package.module:factory")
     g.add_argument("--weights", metavar="FILE",
-                   help="a state dict file (loaded with torch.load(weights_only=True))")
+                   help="a state dict file: .safetensors (read with the safetensors "
+                        "package) or a torch file (torch.load(weights_only=True))")
     g.add_argument("--size", type=_size, metavar="N|HxW",
                    help="model input size (default: the model's, 224 for ImageNet models)")
     g.add_argument("--mean", type=_triple, metavar="R,G,B",
@@ -463,7 +465,7 @@ def _run(args, v, store, done, items, labels, names, expected, config, dev, back
 
     model = loaded.model.to(dev)
     writer = _Writer(store, rank, args.shard_size, npy, args.stop_after_shards)
-    ds = pipeline.ImageFileDataset(mine, size)
+    ds = pipeline.ImageFileDataset(mine, size, **loaded.resize_options())
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                      collate_fn=pipeline.collate, pin_memory=dev.type == "cuda",
                                      persistent_workers=False,

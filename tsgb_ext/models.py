@@ -98,24 +98,45 @@ def _to_float_hwc(image) -> torch.Tensor:
     raise TypeError(f"expected a uint8 or float image, got dtype {arr.dtype}")
 
 
+#: Resampling filters of :func:`load_rgb` (timm's ``interpolation`` names).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
 def load_rgb(image, size: Union[int, Tuple[int, int]] = IMAGE_SIZE,
-             device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+             device: Union[str, torch.device] = "cpu", crop_pct: float = 1.0,
+             interpolation: str = "bilinear", crop_mode: str = "center") -> torch.Tensor:
     """An RGB image -> (1, 3, h, w) float tensor in [0, 1] on ``device``, not normalised.
 
     The largest central crop with the aspect ratio of ``size`` is resized (bilinear,
-    antialiased) to ``size`` (an int for a square, or (h, w)).
+    antialiased) to ``size`` (an int for a square, or (h, w)). ``crop_pct`` < 1 keeps only
+    the central ``crop_pct`` of that crop (timm's eval transform: resize to ``size /
+    crop_pct``, then a central crop of ``size``); ``crop_mode="squash"`` takes the whole image
+    instead of the aspect-ratio crop (timm's squash mode). ``interpolation``: one of
+    :data:`INTERPOLATIONS` (antialiased when downscaling, except ``nearest``).
     """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     h, w = (size, size) if isinstance(size, int) else size
     t = _to_float_hwc(image).permute(2, 0, 1)[None].to(device)
     H, W = t.shape[-2:]
-    if H * w > W * h:   # too tall: crop rows
+    if crop_mode == "squash":
+        ch, cw = H, W
+    elif H * w > W * h:   # too tall: crop rows
         ch, cw = max(1, round(W * h / w)), W
     else:               # too wide: crop columns
         ch, cw = H, max(1, round(H * w / h))
+    if crop_pct < 1:
+        ch, cw = max(1, round(ch * crop_pct)), max(1, round(cw * crop_pct))
     top, left = (H - ch) // 2, (W - cw) // 2
     t = t[..., top:top + ch, left:left + cw]
     if (ch, cw) != (h, w):
-        t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        if interpolation == "nearest":
+            t = F.interpolate(t, size=(h, w), mode="nearest")
+        else:
+            t = F.interpolate(t, size=(h, w), mode=interpolation, align_corners=False,
+                              antialias=True)
     return t.clamp_(0, 1)
 
 
@@ -152,16 +173,32 @@ class ModelSpecError(ValueError):
 
 class LoadedModel:
     """A classifier with the preprocessing it expects: ``model`` (eval, no parameter grads),
-    ``size`` (h, w), ``mean`` and ``std`` (on [0, 1] RGB) and ``class_names`` (or None)."""
+    ``size`` (h, w), ``mean`` and ``std`` (on [0, 1] RGB), ``class_names`` (or None), and how
+    images are cropped and resized to ``size`` (``crop_pct``, ``interpolation``,
+    ``crop_mode``: see :func:`load_rgb`; ``resize_options()`` gives them as keyword
+    arguments of ``pipeline.ImageFileDataset``)."""
 
     def __init__(self, model: nn.Module, name: str, size: Tuple[int, int],
-                 mean: Tuple[float, ...], std: Tuple[float, ...], class_names=None):
+                 mean: Tuple[float, ...], std: Tuple[float, ...], class_names=None,
+                 crop_pct: float = 1.0, interpolation: str = "bilinear",
+                 crop_mode: str = "center"):
         self.model, self.name, self.size = model, name, tuple(size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.class_names = list(class_names) if class_names is not None else None
+        self.crop_pct, self.interpolation, self.crop_mode = (float(crop_pct), interpolation,
+                                                             crop_mode)
+
+    def resize_options(self) -> dict:
+        return {"crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "crop_mode": self.crop_mode}
 
     def __repr__(self) -> str:
-        return f"LoadedModel({self.name!r}, size={self.size}, mean={self.mean}, std={self.std})"
+        extra = ("" if (self.crop_pct, self.interpolation, self.crop_mode)
+                 == (1.0, "bilinear", "center") else
+                 f", crop_pct={self.crop_pct}, interpolation={self.interpolation!r}"
+                 + (f", crop_mode={self.crop_mode!r}" if self.crop_mode != "center" else ""))
+        return (f"LoadedModel({self.name!r}, size={self.size}, mean={self.mean}, "
+                f"std={self.std}{extra})")
 
 
 def torchvision_classifiers() -> Tuple[str, ...]:
@@ -174,12 +211,30 @@ def torchvision_classifiers() -> Tuple[str, ...]:
     return tuple(list_models(module=torchvision.models))
 
 
+def _load_safetensors(path: str):
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ModelSpecError(f"--weights {path}: reading .safetensors files needs the "
+                             f"safetensors package (pip install safetensors)") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...
+        raise ModelSpecError(f"--weights {path}: not a readable safetensors file "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+                             ) from None
+
+
 def load_state_dict_file(path: str):
-    """A state dict from ``path``, with ``torch.load(weights_only=True)`` (no arbitrary
+    """A state dict from ``path``: a ``.safetensors`` file (read with the safetensors
+    package: tensors only, no code), else ``torch.load(weights_only=True)`` (no arbitrary
     unpickling); a checkpoint dict holding ``state_dict`` / ``model`` is unwrapped."""
     import os
     if not os.path.isfile(path):
         raise ModelSpecError(f"--weights {path}: no such file")
+    if path.lower().endswith(".safetensors"):
+        sd = _load_safetensors(path)
+        return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
@@ -206,6 +261,65 @@ def _load_into(model: nn.Module, sd, what: str) -> None:
         raise ModelSpecError(f"--weights do not fit {what}: {str(e)[:600]}") from None
 
 
+TIMM_PREFIX = "timm:"
+
+
+def _timm_model(spec: str, sd) -> LoadedModel:
+    """``timm:NAME``: timm's architecture NAME, built untrained (nothing is downloaded), with
+    the state dict ``sd`` loaded; the number of classes is read from the state dict's
+    classifier. Preprocessing from the model's ``pretrained_cfg`` (timm's
+    ``resolve_data_config``): input size, mean, std, interpolation, crop_pct, crop_mode."""
+    name = spec[len(TIMM_PREFIX):]
+    try:
+        import timm
+        from timm.data import resolve_data_config
+    except ImportError:
+        raise ModelSpecError(f"--model {spec}: timm models need the timm package "
+                             f"(pip install timm)") from None
+    if not name or not timm.is_model(name):
+        close = timm.list_models(f"*{name.lower().replace('-', '_')}*")[:8] if name else []
+        raise ModelSpecError(f"--model {spec}: timm has no architecture {name!r}"
+                             + (f" (close: {', '.join(close)})" if close else ""))
+    if sd is None:
+        raise ModelSpecError(f"--model {spec}: a timm architecture needs --weights FILE (a "
+                             f".safetensors or .pth state dict); nothing is downloaded")
+    try:
+        from timm.models import get_pretrained_cfg_value
+        clf = get_pretrained_cfg_value(name, "classifier")
+    except Exception:  # an older/newer timm without it: the last 2-D weight below
+        clf = None
+    clf_keys = [clf] if isinstance(clf, str) else list(clf or ())
+    n_out = None
+    for key in clf_keys:
+        w = sd.get(f"{key}.weight")
+        if isinstance(w, torch.Tensor) and w.dim() >= 1:
+            n_out = int(w.shape[0])
+            break
+    if n_out is None:
+        n_out = _last_linear_out(sd)
+    kwargs = {"num_classes": n_out} if n_out is not None else {}
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:
+        raise ModelSpecError(f"--model {spec}: cannot build it ({e})") from None
+    _load_into(model, sd, spec)
+    cfg = resolve_data_config({}, model=model)
+    _, h, w = cfg["input_size"]
+    interp = cfg.get("interpolation", "bilinear")
+    if interp not in INTERPOLATIONS:
+        interp = "bilinear"
+    crop_mode = cfg.get("crop_mode", "center")
+    if crop_mode not in ("center", "squash"):
+        crop_mode = "center"
+    names = None
+    if getattr(model, "num_classes", n_out) == 1000:
+        from . import imagenet
+        names = imagenet.class_names()
+    return LoadedModel(model, spec, (h, w), cfg["mean"], cfg["std"], names,
+                       crop_pct=float(cfg.get("crop_pct") or 1.0), interpolation=interp,
+                       crop_mode=crop_mode)
+
+
 def load_model(spec: str = DEFAULT_MODEL, weights: Optional[str] = None,
                device: Union[str, torch.device] = "cpu") -> LoadedModel:
     """Build the classifier named by ``spec`` (the CLI's ``--model``) on ``device``.
@@ -215,15 +329,25 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Optional[str] = None,
     * a torchvision classification architecture (``resnet18``, ``mobilenet_v3_small``, ...):
       built untrained, with ``weights`` (a state dict file) loaded; the number of classes is
       taken from the state dict's last 2-D weight. ImageNet normalisation, 224.
+    * ``timm:NAME`` (``timm:efficientnet_b0``, ...): timm's architecture, built untrained,
+      with ``weights`` (a ``.safetensors`` or ``.pth`` state dict) loaded; the number of
+      classes from the state dict's classifier; the model's own timm preprocessing
+      (``pretrained_cfg``: size, mean, std, interpolation, crop_pct).
     * ``package.module:factory``: ``factory()`` must return an ``nn.Module``; optional model
       attributes ``input_size`` (int or (h, w)), ``mean``, ``std``, ``class_names`` set the
       preprocessing. ``weights`` is loaded into it when given.
 
-    Weights are always read with ``torch.load(..., weights_only=True)``.
+    Weights are read safely: ``.safetensors`` files with the safetensors package, others with
+    ``torch.load(..., weights_only=True)``.
     """
     sd = load_state_dict_file(weights) if weights else None
     size: Tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
     names = None
+    if spec.startswith(TIMM_PREFIX):
+        loaded = _timm_model(spec, sd)
+        loaded.model.eval().requires_grad_(False)
+        loaded.model = loaded.model.to(device)
+        return loaded
     if spec.replace("_", "-").lower() == DEFAULT_MODEL:
         model = load_efficientnet_lite0("cpu")
         if sd is not None:
@@ -262,7 +386,8 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Optional[str] = None,
                 f"--model {spec}: unknown model; use {DEFAULT_MODEL}, a torchvision "
                 f"classification architecture (e.g. resnet18, mobilenet_v3_small"
                 + (f"; close: {', '.join(close)}" if close else "")
-                + ") with --weights FILE, or package.module:factory")
+                + ") with --weights FILE, timm:NAME with --weights FILE, or "
+                "package.module:factory")
         if sd is None:
             raise ModelSpecError(f"--model {spec}: a torchvision architecture needs --weights "
                                  f"FILE (a state dict); nothing is downloaded")

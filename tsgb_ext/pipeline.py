@@ -122,7 +122,7 @@ def _identified(path: str):
         raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
 
 
-def open_rgb(path: str, size: Tuple[int, int]) -> torch.Tensor:
+def open_rgb(path: str, size: Tuple[int, int], **resize) -> torch.Tensor:
     """Decode the image at ``path`` to a (3, h, w) float [0, 1] tensor (central crop to the
     aspect ratio of ``size`` = (h, w), then an antialiased resize).
 
@@ -133,6 +133,8 @@ def open_rgb(path: str, size: Tuple[int, int]) -> torch.Tensor:
     ``size``. 16-bit grey images (Pillow modes ``I;16*``) are scaled by their full range
     (65535 = white); 32-bit integer and float images (modes ``I``, ``F``), whose range is
     unknown, raise ``ValueError``; every other mode is converted to RGB by Pillow.
+    ``resize``: ``crop_pct``, ``interpolation``, ``crop_mode`` of ``models.load_rgb`` (a timm
+    model's own preprocessing, ``LoadedModel.resize_options()``).
     """
     from PIL import Image
 
@@ -152,18 +154,20 @@ def open_rgb(path: str, size: Tuple[int, int]) -> torch.Tensor:
                                  f"convert the image to 8 or 16 bits")
             else:
                 arr = np.array(im.convert("RGB"))
-    return load_rgb(arr, size)[0]
+    return load_rgb(arr, size, **resize)[0]
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
     """Images from files as (3, h, w) [0, 1] RGB tensors; a file that cannot be decoded gives
     ``{"image": None, "error": "..."}`` instead of raising (see :func:`collate`)."""
 
-    def __init__(self, items: Sequence[Union[ImageItem, str]], size: Union[int, Tuple[int, int]]):
+    def __init__(self, items: Sequence[Union[ImageItem, str]], size: Union[int, Tuple[int, int]],
+                 **resize):
         self.items = [it if isinstance(it, ImageItem) else ImageItem(os.path.abspath(it),
                                                                      os.path.basename(it))
                       for it in items]
         self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.resize = resize  # crop_pct / interpolation / crop_mode (see open_rgb)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -171,7 +175,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Dict[str, Any]:
         item = self.items[i]
         try:
-            img, err = open_rgb(item.path, self.size), None
+            img, err = open_rgb(item.path, self.size, **self.resize), None
         except Exception as e:  # corrupt, truncated, too large, unreadable, not an image
             img, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return {"index": i, "path": item.path, "image": img, "error": err}
