@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check: build the CUDA kernels, run the CUDA tests, run the GPU benchmark.
-# Run from anywhere:  bash benchmarks/gpu_check.sh      (at most about 8.5 minutes: the step
-# timeouts add up to 470 s plus the build)
-# Results go to $OUT (default benchmarks/out): gpu_results.md, build.log, pytest_*.txt.
+# Run from anywhere:  bash benchmarks/gpu_check.sh      (at most about 9 minutes: the step
+# timeouts add up to 515 s plus the build)
+# Results go to $OUT (default benchmarks/out): gpu_results.md, gpu_ops.md, build.log, pytest_*.txt.
 # Failing steps are reported and the script goes on to the benchmark table.
 # QUICK=1: a rerun after a fix within the device budget (about 4 minutes): shorter test
 # timeouts, no bad-input or model-check step, benchmark ResNet50 only without compile rows.
@@ -12,9 +12,9 @@ OUT="${OUT:-benchmarks/out}"
 mkdir -p "$OUT"
 QUICK="${QUICK:-0}"
 if [ "$QUICK" = 1 ]; then
-  T_OPS=60; T_MODELS=40; T_BENCH=100; BENCH_ARGS="--models resnet50 --no-compile --budget 60"
+  T_OPS=60; T_MODELS=40; T_OPBENCH=30; T_BENCH=100; BENCH_ARGS="--models resnet50 --no-compile --budget 60"
 else
-  T_OPS=120; T_MODELS=60; T_BENCH=200; BENCH_ARGS="--budget 140"
+  T_OPS=120; T_MODELS=60; T_OPBENCH=45; T_BENCH=200; BENCH_ARGS="--budget 140"
 fi
 T0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -65,6 +65,12 @@ timeout 60 python benchmarks/gpu_model_check.py 2>&1 | tee "$OUT/gpu_model_check
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
+step "per-op GPU benchmark: conv and BN rules vs torch's conv input gradient (timeout $T_OPBENCH s)"
+timeout $T_OPBENCH python benchmarks/bench_gpu_ops.py --out "$OUT/gpu_ops.md" \
+  > "$OUT/bench_gpu_ops.log" 2>&1
+rc=$?; echo "bench_gpu_ops exit $rc (124 = timed out; the table holds the rows done)"
+tail -3 "$OUT/bench_gpu_ops.log"
+
 step "GPU benchmark (timeout $T_BENCH s; $BENCH_ARGS)"
 timeout $T_BENCH python benchmarks/bench_gpu.py $BENCH_ARGS --out "$OUT/gpu_results.md" \
   > "$OUT/bench_gpu.log" 2>&1
@@ -92,6 +98,8 @@ else
 fi
 
 step "results"
+cat "$OUT/gpu_ops.md" 2>/dev/null || echo "no per-op table written"
+echo
 cat "$OUT/gpu_results.md" 2>/dev/null || echo "no table written"
 step "done (status $status)"
 exit $status
