@@ -38,13 +38,15 @@ step "CUDA op tests, bad-input tests apart (timeout $T_OPS s)"
 # The *_errors tests run in their own process: on the torch 2.11 device image an exception
 # raised inside an extension op has crashed the process (2026-11 H200 run), which must not
 # take the other tests down with it.
-timeout $T_OPS python -m pytest -q tests/test_cuda_ops.py -k "not errors" -p no:cacheprovider 2>&1 \
+# tests/test_op_kernels.py runs every op test on each device present ([cpu-...] and [cuda-...]
+# ids); here only the CUDA half (tests/test_cuda_ops.py was renamed to it in 405790f)
+timeout $T_OPS python -m pytest -q tests/test_op_kernels.py -k "cuda and not errors" -p no:cacheprovider 2>&1 \
   | tee "$OUT/pytest_cuda_ops.txt" | tail -15
 rc=${PIPESTATUS[0]}; echo "pytest exit $rc"; [ "$rc" = 0 ] || status=1
 
 if [ "$QUICK" != 1 ]; then
 step "CUDA bad-input tests (timeout 30 s)"
-timeout 30 python -X faulthandler -m pytest -q tests/test_cuda_ops.py tests/test_native_ops.py \
+timeout 30 python -X faulthandler -m pytest -q tests/test_op_kernels.py tests/test_native_ops.py \
   -k "errors or (bad_input and cuda) or mismatched_devices" -p no:cacheprovider 2>&1 \
   | tee "$OUT/pytest_cuda_errors.txt" | tail -25
 rc=${PIPESTATUS[0]}; echo "pytest exit $rc (139 = segfault)"; [ "$rc" = 0 ] || status=1
