@@ -91,3 +91,16 @@ def test_fc_rule_zero_negative_part_is_finite():
     gx = rules.linear_rule(g, x, wp, wn)
     assert torch.isfinite(gx).all()
     torch.testing.assert_close(gx, g @ wp)  # beta = 0 where |zn| == 0
+
+
+def test_half_results_saturate_instead_of_inf():
+    """float16 rule results beyond 65504 saturate (like the compiled kernels): an inf here
+    becomes NaN (inf * 0) in the next layer (seen with --amp fp16 on a real photo)."""
+    x = torch.tensor([0.0, 1e-3, -2.0, 5.0]).view(1, 4, 1, 1).half()
+    y = torch.full_like(x, 3.0)
+    g = torch.full_like(x, 10.0)
+    out = rules.batch_norm_rule(g, x, y)
+    assert torch.isfinite(out).all()
+    assert out.flatten()[0].item() == torch.finfo(torch.float16).max
+    pool = rules.avg_pool2d_rule(g, x, y, 1, 1, 0, False, True, None)
+    assert torch.isfinite(pool).all()

@@ -23,6 +23,17 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in _HALF else t.dtype
 
 
+def _store(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a rule's result back to ``dtype``. Half types saturate at their largest finite
+    value instead of becoming inf (the rules divide by activations, so a float32-finite
+    result can exceed float16's 65504, and inf * 0 in the next layer would be NaN); the
+    compiled kernels do the same."""
+    if dtype in _HALF:
+        m = torch.finfo(dtype).max
+        t = t.clamp(-m, m)
+    return t.to(dtype)
+
+
 def _tile(t: torch.Tensor, batch: int) -> torch.Tensor:
     """Repeat saved activations along the batch to match a T*N gradient batch."""
     n = t.shape[0]
@@ -67,7 +78,7 @@ def conv2d_rule(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     r = s / (_tile(d, B) + eps)
     t = torch.nn.grad.conv2d_input((B, G, H, W), ones, r, stride, padding, dilation, G)
     gx = _tile(x.sign(), B).reshape(B, G, C // G, H, W) * t.unsqueeze(2)
-    return gx.reshape(B, C, H, W).to(out_dtype)
+    return _store(gx.reshape(B, C, H, W), out_dtype)
 
 
 def bn_scale_shift(running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -97,7 +108,7 @@ def batch_norm_rule(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     cd = _compute_dtype(x)
     B = grad.shape[0]
     gx = grad.to(cd) * _tile(y.to(cd), B) / (_tile(x.to(cd), B) + eps)
-    return gx.to(grad.dtype)
+    return _store(gx, grad.dtype)
 
 
 def avg_pool2d_rule(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -113,7 +124,7 @@ def avg_pool2d_rule(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     back = torch.ops.aten.avg_pool2d_backward(gy, xt, list(kernel_size), list(stride),
                                               list(_pair(padding)), bool(ceil_mode),
                                               bool(count_include_pad), divisor_override)
-    return (back / (xt + eps)).to(grad.dtype)
+    return _store(back / (xt + eps), grad.dtype)
 
 
 def split_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -143,4 +154,4 @@ def linear_rule(grad: torch.Tensor, x: torch.Tensor, weight_pos: torch.Tensor,
     ok = azn > eps
     beta = torch.where(ok, zp / torch.where(ok, azn, torch.ones_like(azn)), torch.zeros_like(zp))
     g = grad.to(cd)
-    return (g @ wp + (g * beta) @ wn).to(grad.dtype)
+    return _store(g @ wp + (g * beta) @ wn, grad.dtype)
