@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsgb_ext import TSGB, _store, cli, explainer, pipeline
+from tsgb_ext import TSGB, _store, cli, pipeline
 
 PIL = pytest.importorskip("PIL")
 pytest.importorskip("tqdm")
@@ -32,12 +32,6 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [TESTS, REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
     OMP_NUM_THREADS="1")
 ENV.pop("TSGB_EXPLAIN_FAULT", None)
-#: the explainer holds a per-model lock around conversions (the change issue 11 asks of
-#: explainer.py); until then the three tests that need it are expected to fail
-EXPLAINER_LOCKED = hasattr(explainer, "model_lock")
-needs_explainer_lock = pytest.mark.xfail(
-    not EXPLAINER_LOCKED, strict=False,
-    reason="needs the per-model conversion lock in tsgb_ext/explainer.py (issue 11)")
 
 
 def _photo(seed, h=40, w=48):
@@ -500,7 +494,6 @@ def _model_state(m):
             {n: mod.training for n, mod in m.named_modules()})
 
 
-@needs_explainer_lock
 @pytest.mark.parametrize("shared", [True, False], ids=["one TSGB", "one TSGB per thread"])
 def test_four_threads_twenty_calls_each_equal_single_thread_maps(shared):
     import explain_factory
@@ -540,7 +533,6 @@ def test_four_threads_twenty_calls_each_equal_single_thread_maps(shared):
     torch.testing.assert_close(x.grad, x2.grad)
 
 
-@needs_explainer_lock
 def test_with_block_in_one_thread_calls_in_others():
     import explain_factory
     m = explain_factory.tiny()
@@ -570,7 +562,6 @@ def test_with_block_in_one_thread_calls_in_others():
     assert _model_state(m) == state
 
 
-@needs_explainer_lock
 def test_with_blocks_exited_out_of_order_leave_the_model_restored():
     import explain_factory
     m = explain_factory.tiny()
@@ -589,7 +580,6 @@ def test_with_blocks_exited_out_of_order_leave_the_model_restored():
     assert _model_state(m) == state
 
 
-@needs_explainer_lock
 def test_float64_input_to_a_float32_model_names_the_dtypes():
     import explain_factory
     with pytest.raises(TypeError, match=r"float64.*float32"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import threading
 import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -13,6 +14,7 @@ import tsgb_hooks
 
 from . import _native
 from ._convert import Conversion
+from ._modellock import model_lock
 
 TargetLike = Union[None, int, Sequence[int], torch.Tensor]
 _BACKENDS = ("auto", "native", "hooks")
@@ -103,18 +105,33 @@ def _target_tensor(target: TargetLike, n: int, device) -> Optional[torch.Tensor]
     return t.to(device)
 
 
+# TF32 flags are process-wide: saved on the first entry, restored on the last exit (calls on
+# several threads overlap)
+_tf32_guard = threading.Lock()
+_tf32_depth = 0
+_tf32_saved: Optional[Tuple[bool, bool]] = None
+
+
 @contextlib.contextmanager
 def _tf32_off(active: bool):
+    global _tf32_depth, _tf32_saved
     if not active:
         yield
         return
-    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    with _tf32_guard:
+        if _tf32_depth == 0:
+            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_depth += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        with _tf32_guard:
+            _tf32_depth -= 1
+            if _tf32_depth == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = \
+                    _tf32_saved
 
 
 class TSGB:
@@ -163,6 +180,8 @@ class TSGB:
             raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
         self.fuse = fuse
         self._fusion_cache: Optional[dict] = {} if fuse else None
+        # calls through this explainer's with-block conversion, from any thread: one at a time
+        self._call_lock = threading.Lock()
         self._warned: set = set()        # (module, what) pairs warned about, once each
         self._check_degenerate = True    # the first completed call checks for degenerate maps
         self._degenerate: Dict[nn.Module, float] = {}
@@ -212,15 +231,25 @@ class TSGB:
     def __enter__(self) -> "TSGB":
         if self._conversion is not None:
             raise RuntimeError("this TSGB explainer is already active in a with-block")
-        fusion = self._fusion_cache if self.backend != "hooks" else None
-        self._conversion = Conversion(self.model, tsgb_hooks.BACKEND, self.classifier,
-                                      self._names, fusion, self._warned).__enter__()
+        lock = model_lock(self.model)
+        lock.acquire(self, "this with-block")  # waits while another thread holds the model
+        try:
+            fusion = self._fusion_cache if self.backend != "hooks" else None
+            self._conversion = Conversion(self.model, tsgb_hooks.BACKEND, self.classifier,
+                                          self._names, fusion, self._warned).__enter__()
+        except BaseException:
+            lock.release(self)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        conv, self._conversion = self._conversion, None
-        if conv is not None:
-            conv.restore()
+        with self._call_lock:  # calls in flight from other threads finish first
+            conv, self._conversion = self._conversion, None
+            try:
+                if conv is not None:
+                    conv.restore()
+            finally:
+                model_lock(self.model).release(self)
 
     # -- the saliency map ------------------------------------------------------------------
     def attribute(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
@@ -273,16 +302,24 @@ class TSGB:
         """``explain`` for an already validated ``x``; the model runs as
         ``model(x, *forward_args)``; ``per_element``: the maps are ``gx * x`` (N, C, H, W),
         not summed over channels (one target per sample only)."""
+        p = next((t for t in self.model.parameters() if t.is_floating_point()), None)
+        if p is not None and amp_dtype is None and x.dtype != p.dtype:
+            raise TypeError(f"x is {x.dtype} but the model's parameters are {p.dtype}: convert "
+                            f"the input (x.to({p.dtype})) or the model (model.to({x.dtype}))")
         backend = self._backend_for(x.device)
         self.last_backend = backend.name
         with _tf32_off(x.is_cuda and not self.allow_tf32):
-            if self._conversion is not None:
-                return self._run(self._conversion, backend, x, select, amp_dtype, forward_args,
-                                 per_element)
-            fusion = self._fusion_cache if getattr(backend, "conv2d_bn_act", None) else None
-            with Conversion(self.model, backend, self.classifier, self._names, fusion,
-                            self._warned) as conv:
-                return self._run(conv, backend, x, select, amp_dtype, forward_args, per_element)
+            with self._call_lock:
+                if self._conversion is not None:  # inside this explainer's with-block
+                    return self._run(self._conversion, backend, x, select, amp_dtype,
+                                     forward_args, per_element)
+            # a conversion for this call only, holding the model (other threads wait)
+            with model_lock(self.model).hold(object(), "this call"):
+                fusion = self._fusion_cache if getattr(backend, "conv2d_bn_act", None) else None
+                with Conversion(self.model, backend, self.classifier, self._names, fusion,
+                                self._warned) as conv:
+                    return self._run(conv, backend, x, select, amp_dtype, forward_args,
+                                     per_element)
 
     def _run(self, conv: Conversion, backend, x, select, amp_dtype, forward_args=(),
              per_element=False):
@@ -333,17 +370,25 @@ class TSGB:
         # checked once, unless this call's dtype was too coarse to tell (bf16/fp16)
         self._check_degenerate = any(e[3] is None for e in conv.watch or ())
         conv.watch = None
-        for m, ratio in found:
+        for m, ratio, single in found:
             self._degenerate[m] = ratio
+            name = f"{self._names.get(m, type(m).__name__)} ({type(m).__name__})"
+            if single:
+                why = (f"{name} is a conv with a single output position, and the relevance it "
+                       f"receives sums to zero (|sum| = {ratio:.1e} x its magnitude): the "
+                       f"TSGB-FC rule makes the classifier's input relevance sum to zero, and "
+                       f"the conv rule hands on only that sum")
+            else:
+                why = (f"the relevance {name} receives sums to zero at each of its output "
+                       f"positions (|sum| <= {ratio:.1e} x its magnitude; a LayerNorm or "
+                       f"GroupNorm after it, whose gradient times input sums to zero, does "
+                       f"this), and the conv rule hands on only those sums")
             conv._warn_once(
                 m, "degenerate",
-                f"tsgb_ext: the TSGB maps of this model are zero up to rounding: "
-                f"{self._names.get(m, type(m).__name__)} ({type(m).__name__}) is a conv with a "
-                f"single output position, and the relevance it receives sums to zero (|sum| = "
-                f"{ratio:.1e} x its magnitude): the TSGB-FC rule makes the classifier's input "
-                f"relevance sum to zero, and the conv rule hands on only that sum. What remains "
-                f"is rounding noise (it changes with any perturbation of the input); the spec "
-                f"gives this architecture no usable TSGB map")
+                f"tsgb_ext: relevance through {name} is rounding noise, and maps whose "
+                f"relevance all passes it are zero up to rounding: {why}. What remains "
+                f"changes with any perturbation of the input; the spec gives such an "
+                f"architecture no usable TSGB map")
 
     def report(self, x: Optional[torch.Tensor] = None, target: TargetLike = None) -> "RuleReport":
         """Which modules get which TSGB rule (and which keep their ordinary gradient).
