@@ -358,10 +358,13 @@ def _build_plan(model: nn.Module, fingerprint) -> _FusionPlan:
 
 
 def _check_tol(*dtypes) -> Optional[float]:
-    """Below this ratio |sum of relevance| / sum of |relevance| a single-position conv's
-    relevance is zero up to rounding (None: too coarse a dtype to tell)."""
+    """At or below this ratio |sum of relevance| / sum of |relevance| at every output position,
+    a conv's relevance is zero up to rounding (None: too coarse a dtype to tell). Measured
+    noise levels of degenerate layers: 1e-17..4e-10 in float64, 7e-10..6e-8 in float32 (the
+    LayerNorm cases highest); real near-cancellations, the same in both dtypes, were 2.5e-5 and
+    up (ConvNeXt's downsampling convs)."""
     eps = max(torch.finfo(d).eps for d in dtypes)
-    return 1e3 * eps if eps < 1e-6 else None
+    return 1e-6 if eps < 1e-6 else None
 
 
 class Conversion:
@@ -494,39 +497,51 @@ class Conversion:
                             f"its forward does to the result keeps its ordinary gradient")
 
     def _watch(self, m: nn.Module, out, groups: int) -> None:
-        """Degenerate-map check: a conv with a single output position hands on the sum of its
-        output's relevance, sum_k g*y. When all of the classifier's relevance (which sums to
-        zero by the TSGB-FC rule) passes such a conv, the map is zero up to rounding."""
+        """Degenerate-relevance check (first call of an explainer): the conv rule hands on,
+        at each output position o, only the sum over the group's channels of its output's
+        relevance, s[o] = sum_k g[k,o]*y[k,o]. Where that sum is zero at every position, what
+        the conv hands on is rounding noise: a conv with a single output position that all of
+        the classifier's relevance (zero-sum by the TSGB-FC rule) passes (timm's vgg11_bn,
+        ghostnet_100), or a conv whose output feeds a LayerNorm (zero-sum at every position;
+        ConvNeXt's stem). The hook records max_o |s[o]| / sum_k |g*y| (where > 0)."""
         w = self.watch
         if (w is None or not isinstance(out, torch.Tensor) or out.dim() != 4
-                or out.shape[2] * out.shape[3] != 1 or not out.requires_grad
-                or torch.compiler.is_compiling()):
+                or not out.requires_grad or torch.compiler.is_compiling()):
             return
-        y = out.detach().clone()  # tiny (N, K, 1, 1); the model may change out in place
-        groups = int(groups)
+        y, version, groups = out, out._version, int(groups)
+        single = out.shape[2] * out.shape[3] == 1
 
         def hook(g):
+            if y._version != version:  # changed in place later (out += identity): no check
+                return
             with torch.no_grad():
                 yy = y if g.shape[0] == y.shape[0] else y.repeat(g.shape[0] // y.shape[0], 1, 1, 1)
-                gy = (g.double() * yy.double()).reshape(g.shape[0], groups, -1)
-                w.append((m, gy.sum(2).abs(), gy.abs().sum(2), _check_tol(g.dtype, y.dtype)))
+                cdt = torch.promote_types(torch.promote_types(g.dtype, yy.dtype), torch.float32)
+                gy = (g.to(cdt) * yy.to(cdt)).reshape(g.shape[0], groups, -1, g.shape[2] * g.shape[3])
+                s = gy.sum(2, dtype=torch.float64).abs()
+                mag = gy.abs().sum(2, dtype=torch.float64)
+                ratio = torch.where(mag > 0, s / mag.clamp_min(1e-300), torch.zeros_like(s))
+                w.append((m, ratio.max(), (mag > 0).any(), _check_tol(g.dtype, y.dtype), single))
         out.register_hook(hook)
 
-    def degenerate(self) -> List[Tuple[nn.Module, float]]:
-        """Convs found to hand on relevance that sums to zero (see ``_watch``): (module,
-        largest |sum| / magnitude over the samples), after a backward with ``watch`` on."""
-        found: Dict[nn.Module, float] = {}
+    def degenerate(self) -> List[Tuple[nn.Module, float, bool]]:
+        """Convs found to hand on relevance that sums to zero at every output position (see
+        ``_watch``): (module, largest |sum| / magnitude, single output position), after a
+        backward with ``watch`` on. One host synchronisation for all of them."""
+        entries = [e for e in self.watch or () if e[3] is not None]
+        if not entries:
+            return []
+        stats = torch.stack([torch.stack([e[1].double(), e[2].double()]) for e in entries]).cpu()
+        found: Dict[nn.Module, Tuple[float, bool]] = {}
         clear: set = set()
-        for m, s, mag, tol in self.watch or ():
-            pos = mag > 0
-            if tol is None or not bool(pos.any()):
+        for (m, _, _, tol, single), (r, any_pos) in zip(entries, stats.tolist()):
+            if not any_pos:
                 continue
-            r = float((s[pos] / mag[pos]).max())
             if r <= tol:
-                found[m] = max(found.get(m, 0.0), r)
+                found[m] = (max(found.get(m, (0.0, single))[0], r), single)
             else:
                 clear.add(m)
-        return [(m, r) for m, r in found.items() if m not in clear]
+        return [(m, r, single) for m, (r, single) in found.items() if m not in clear]
 
     def _patch_conv(self, m: nn.Conv2d) -> None:
         conv = self
@@ -795,7 +810,7 @@ def describe_rules(model: nn.Module, classifier: Optional[nn.Module], observed: 
         if m in fused:
             notes.append("fused conv -> BN (-> act) op")
         if m in degenerate:
-            notes.append(f"DEGENERATE: single output position, relevance sums to zero "
-                         f"({degenerate[m]:.1e}); maps are rounding noise (warned)")
+            notes.append(f"DEGENERATE: the relevance it receives sums to zero at every output "
+                         f"position ({degenerate[m]:.1e}); it hands on rounding noise (warned)")
         rows.append((name, tname, rule, "; ".join(notes)))
     return rows
