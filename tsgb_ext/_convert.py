@@ -518,8 +518,8 @@ class Conversion:
                 yy = y if g.shape[0] == y.shape[0] else y.repeat(g.shape[0] // y.shape[0], 1, 1, 1)
                 cdt = torch.promote_types(torch.promote_types(g.dtype, yy.dtype), torch.float32)
                 gy = (g.to(cdt) * yy.to(cdt)).reshape(g.shape[0], groups, -1, g.shape[2] * g.shape[3])
-                s = gy.sum(2, dtype=torch.float64).abs()
-                mag = gy.abs().sum(2, dtype=torch.float64)
+                s = gy.sum(2, dtype=torch.float64).abs_()  # float64: the sums cancel
+                mag = gy.abs_().sum(2).double()
                 ratio = torch.where(mag > 0, s / mag.clamp_min(1e-300), torch.zeros_like(s))
                 w.append((m, ratio.max(), (mag > 0).any(), _check_tol(g.dtype, y.dtype), single))
         out.register_hook(hook)

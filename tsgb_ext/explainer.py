@@ -5,6 +5,7 @@ import contextlib
 import numbers
 import threading
 import warnings
+import weakref
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -183,8 +184,7 @@ class TSGB:
         # calls through this explainer's with-block conversion, from any thread: one at a time
         self._call_lock = threading.Lock()
         self._warned: set = set()        # (module, what) pairs warned about, once each
-        self._check_degenerate = True    # the first completed call checks for degenerate maps
-        self._degenerate: Dict[nn.Module, float] = {}
+        self._degenerate: Dict[nn.Module, float] = {}  # degenerate convs seen (report())
         self._observed: Dict[nn.Module, dict] = {}
         self._last_classifier: Optional[nn.Module] = None
 
@@ -329,7 +329,11 @@ class TSGB:
             xin = xin.clone()
         amp = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
                else contextlib.nullcontext())
-        check = self._check_degenerate
+        # degenerate-layer check: once per model, module tree, input shape and dtype
+        key = (tuple((id(m), type(m)) for m in self.model.modules()), tuple(x.shape[1:]),
+               x.dtype, amp_dtype, x.device.type)
+        seen = _degenerate_checked.setdefault(self.model, {})
+        check = key not in seen
         conv.watch = [] if check else None
         with torch.enable_grad():
             xin.requires_grad_(True)
@@ -355,7 +359,9 @@ class TSGB:
                 with torch.no_grad():
                     maps.append(gx * x if per_element else (gx * x).sum(1, keepdim=True))
         if check:
-            self._report_degenerate(conv)
+            self._report_degenerate(conv, seen, key)
+        else:
+            self._degenerate.update(seen[key])
         self._observed.update(conv.observed)
         self._last_classifier = clf
         if self.classifier is None and conv is self._conversion:
@@ -365,10 +371,11 @@ class TSGB:
         return sal.to(x.dtype), tgt, logits.detach()
 
 
-    def _report_degenerate(self, conv: Conversion) -> None:
+    def _report_degenerate(self, conv: Conversion, seen: dict, key) -> None:
         found = conv.degenerate()
-        # checked once, unless this call's dtype was too coarse to tell (bf16/fp16)
-        self._check_degenerate = any(e[3] is None for e in conv.watch or ())
+        if not any(e[3] is None for e in conv.watch or ()):  # fp16/bf16 could not tell
+            seen.clear()  # only the latest module tree and input kind are remembered
+            seen[key] = {m: ratio for m, ratio, _ in found}
         conv.watch = None
         for m, ratio, single in found:
             self._degenerate[m] = ratio
@@ -448,6 +455,11 @@ class RuleReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+#: model -> {(module tree, input shape, dtype, ...): {degenerate conv: ratio}}: the check runs
+#: on the first call for each (its cost: one extra pass over every conv's output)
+_degenerate_checked: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _check_call(x) -> None:
