@@ -374,7 +374,8 @@ class TSGB:
     def _report_degenerate(self, conv: Conversion, seen: dict, key) -> None:
         found = conv.degenerate()
         if not any(e[3] is None for e in conv.watch or ()):  # fp16/bf16 could not tell
-            seen.clear()  # only the latest module tree and input kind are remembered
+            while len(seen) >= 8:  # a few module trees / input kinds are remembered
+                seen.pop(next(iter(seen)))
             seen[key] = {m: ratio for m, ratio, _ in found}
         conv.watch = None
         for m, ratio, single in found:
