@@ -350,7 +350,7 @@ def cmd_phases(args) -> None:
     print(f"\n(b) phases, model kept converted, {args.calls} calls per with-block after 1 "
           f"warm-up call, {args.alternations} alternation(s) fused / unfused, medians:\n")
     print("| alternation | variant | call ms | forward with autograd ms | backward ms | "
-          "rest ms |")
+          "after backward ms |")
     print("|---|---|---|---|---|---|")
     torch.autograd.grad = timed_grad
     try:
@@ -358,7 +358,7 @@ def cmd_phases(args) -> None:
             for name, fuse in (("fused", True), ("unfused", False)):
                 with tsgb_ext.TSGB(model, backend="native", fuse=fuse) as ex:
                     ex.attribute(x, t)
-                    call, fw, bw = [], [], []
+                    call, fw, bw, rest = [], [], [], []
                     for _ in range(args.calls):
                         marks.clear()
                         t0 = time.perf_counter()
@@ -372,8 +372,9 @@ def cmd_phases(args) -> None:
                         call.append(t3 - t0)
                         fw.append(t1 - t0)
                         bw.append(t2 - t1)
-                c, a, b = (statistics.median(v) * 1e3 for v in (call, fw, bw))
-                print(f"| {alt + 1} | {name} | {c:.1f} | {a:.1f} | {b:.1f} | {c - a - b:.1f} |",
+                        rest.append(t3 - t2)
+                c, a, b, r = (statistics.median(v) * 1e3 for v in (call, fw, bw, rest))
+                print(f"| {alt + 1} | {name} | {c:.1f} | {a:.1f} | {b:.1f} | {r:.1f} |",
                       flush=True)
     finally:
         torch.autograd.grad = real_grad
