@@ -49,18 +49,19 @@ def test_target_forms(backend):
 
 
 def test_native_backend_unavailable_error(monkeypatch):
-    from tsgb_ext import _native
-    monkeypatch.setattr(_native, "_loaded", False)
-    monkeypatch.setattr(_native, "_load_error", "tsgb_ext._C is not built (test)")
+    from tsgb_ext.ops import loader
+    monkeypatch.setattr(loader, "_loaded", False)
+    monkeypatch.setattr(loader, "_load_error", "tsgb_ext._C is not built (test)")
     assert not tsgb_ext.native_available()
     with pytest.raises(RuntimeError, match="native.*not available"):
         tsgb_ext.TSGB(small_net(), backend="native")
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    from tsgb_ext import _native, explainer
-    monkeypatch.setattr(_native, "_loaded", False)
-    monkeypatch.setattr(explainer, "_warned_fallback", False)
+    from tsgb_ext.core import backend
+    from tsgb_ext.ops import loader
+    monkeypatch.setattr(loader, "_loaded", False)
+    monkeypatch.setattr(backend, "_warned_fallback", False)
     ex = tsgb_ext.TSGB(small_net(), backend="auto")
     x = torch.randn(1, 3, 8, 8)
     with pytest.warns(RuntimeWarning, match="hooks"):

@@ -1,4 +1,4 @@
-"""tsgb_ext.baselines: each baseline against a direct autograd computation (toy CNN, float64)."""
+"""tsgb_ext.evaluation.baselines: each baseline against a direct autograd computation (toy CNN, float64)."""
 import copy
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsgb_ext.baselines import GradCAM, Gradient, GradientXInput, GuidedBackprop, make_method
+from tsgb_ext.evaluation.baselines import GradCAM, Gradient, GradientXInput, GuidedBackprop, make_method
 
 
 def _cnn(act=nn.ReLU):

@@ -9,7 +9,9 @@ import importlib.util
 import pytest
 import torch
 
-from tsgb_ext import cli, models
+from tsgb_ext import cli
+from tsgb_ext.cli import demo
+from tsgb_ext.data import models
 
 _missing = [m for m in ("skimage", "matplotlib", "torchvision", "PIL")
             if importlib.util.find_spec(m) is None]
@@ -45,12 +47,13 @@ def test_mosaic_maps_select_their_tile():
     """On the cat|espresso mosaic, each class's positive map mass lies mostly in its own tile."""
     from skimage import data
 
-    from tsgb_ext import TSGB, imagenet
+    from tsgb_ext import TSGB
+    from tsgb_ext.data import imagenet
 
     model = models.load_efficientnet_lite0()
     cat = models.load_rgb(data.chelsea())
     coffee = models.load_rgb(data.coffee())
-    res = cli.explain_mosaic(TSGB(model), model, cat, coffee)
+    res = demo.explain_mosaic(TSGB(model), model, cat, coffee)
 
     cat_cls, coffee_cls = res["classes"]
     assert cat_cls in imagenet.CAT_CLASSES, imagenet.class_name(cat_cls)

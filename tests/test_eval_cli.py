@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from tsgb_ext import cli, models
+from tsgb_ext import cli
+from tsgb_ext.data import models
 
 VOC = os.path.join(os.path.dirname(__file__), "data", "voc_small")
 

@@ -17,7 +17,9 @@ import torch
 
 import tsgb_ext
 
-from tsgb_ext import TSGB, cli, explain_cli, pipeline
+from tsgb_ext import TSGB, cli
+from tsgb_ext.cli import explain as explain_cli
+from tsgb_ext.data import pipeline
 
 _missing = [m for m in ("skimage", "PIL", "tqdm", "matplotlib")
             if importlib.util.find_spec(m) is None]

@@ -2,7 +2,7 @@
 converted by concurrent or out-of-order use.
 
 Kills happen at exact points through the test-only ``TSGB_EXPLAIN_FAULT`` hook
-(tsgb_ext/_store.py), in subprocesses; everything else runs in process on a tiny seeded CNN
+(tsgb_ext/cli/_store.py), in subprocesses; everything else runs in process on a tiny seeded CNN
 (tests/explain_factory.py, 32 x 32) and a few tiny images.
 """
 import csv
@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from tsgb_ext import TSGB, _store, cli, pipeline
+from tsgb_ext import TSGB, cli
+from tsgb_ext.cli import _store
+from tsgb_ext.data import pipeline
 
 PIL = pytest.importorskip("PIL")
 pytest.importorskip("tqdm")

@@ -91,7 +91,7 @@ def test_chains_found_and_maps_equal_unfused_float64(device):
     assert fused.device == x.device
     plan = _plan(ex)
     assert plan is not None and plan.chains == 4  # stem, conv1-bn1-relu, conv2-bn2-relu6, conv3-bn3
-    kinds = sorted(m.act for m in plan.graph_module.modules() if type(m).__name__ == "_FusedBlock")
+    kinds = sorted(m.act for m in plan.graph_module.modules() if type(m).__name__ == "FusedBlock")
     assert kinds == [0, 1, 2, 2]
     unfused = _maps(model, x, torch.tensor([0, 3, 5]), fuse=False)
     hooks = tsgb_ext.TSGB(model, backend="hooks").attribute(x, torch.tensor([0, 3, 5]))
@@ -309,7 +309,7 @@ def test_conv2d_subclasses_fused_through_their_conv2d_call(device):
     ex = tsgb_ext.TSGB(model, backend="native")
     for _ in range(2):  # the second call takes the remembered decision for ScaledConv
         fused = ex.attribute(x, 3)
-        blocks = [b for b in _plan(ex).graph_module.modules() if type(b).__name__ == "_FusedBlock"]
+        blocks = [b for b in _plan(ex).graph_module.modules() if type(b).__name__ == "FusedBlock"]
         assert len(blocks) == 3
         assert sorted(bool(b.__dict__.get("subclass_unfusable")) for b in blocks) == [False, False, True]
         assert _rel(fused, tsgb_ext.TSGB(model, backend="hooks").attribute(x, 3)) < 1e-12

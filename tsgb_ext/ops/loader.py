@@ -2,7 +2,8 @@
 
 Pattern of torchvision's ``_has_ops``: if the extension is missing or was built for another
 torch, the package still imports, ``native_available()`` is False, and one warning says how to
-rebuild.
+rebuild. When the ops load, their fake kernels (:mod:`.fake`) and the classifier op's autograd
+(:mod:`.autograd`) are registered, once (module imports run once).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ _loaded = False
 def _load() -> None:
     global _loaded, _load_error
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.tsgb_ext.*)
+        from .. import _C  # noqa: F401  (registers torch.ops.tsgb_ext.*)
         for name in ("conv2d_backward", "batch_norm_backward", "avg_pool2d_backward",
                      "linear_backward", "conv2d"):
             getattr(torch.ops.tsgb_ext, name)
@@ -34,7 +35,14 @@ def _load() -> None:
                       stacklevel=3)
 
 
+def _register() -> None:
+    """The Python side of the loaded ops: fake kernels and the classifier op's autograd."""
+    from . import autograd, fake  # noqa: F401  (torch.library registrations, run once)
+
+
 _load()
+if _loaded:
+    _register()
 
 
 def native_available(device: Optional[torch.device | str] = None) -> bool:

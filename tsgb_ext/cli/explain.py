@@ -1,6 +1,6 @@
 """``tsgb explain INPUT... --out DIR``: TSGB maps of whole collections of images.
 
-Outputs in DIR (the storage rules, lock and resume are in :mod:`tsgb_ext._store`):
+Outputs in DIR (the storage rules, lock and resume are in :mod:`tsgb_ext.cli._store`):
 
 * ``shards/<RUN>-r<RANK>-<SEQ>.npy``: float16 arrays (M, H, W), one map per row
   (``--format npy``), and ``shards/<RUN>-r<RANK>-<SEQ>.csv``: the shard's index rows, each
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from . import _store
+from ._common import BACKENDS, CLIError, check_backend, resolve_device
 from ._store import COLUMNS, INDEX, StoreError, display  # noqa: F401 (COLUMNS: API)
-from .cli import BACKENDS, CLIError, check_backend, resolve_device
 
 
 def _warn(msg: str) -> None:
@@ -88,7 +88,8 @@ def _triple(text: str) -> Tuple[float, float, float]:
     return vals  # type: ignore[return-value]
 
 
-def _add_explain(sub) -> None:
+def register(sub) -> None:
+    """Add ``tsgb explain`` to the ``tsgb`` subcommands."""
     p = sub.add_parser(
         "explain", help="TSGB maps of many images: npy shards + index.csv and/or PNG overlays",
         description="Explain image files and folders (searched recursively) with TSGB. Writes "
@@ -146,7 +147,7 @@ def _add_explain(sub) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     # testing: stop (like Ctrl-C: the index holds the shards written) after this many shards
     p.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_explain)
+    p.set_defaults(func=run)
 
 
 # ------------------------------------------------------------------------ helpers ----
@@ -217,13 +218,6 @@ def _dist_info() -> Tuple[int, int, int]:
     return world, rank, local
 
 
-def _dist_info() -> Tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
-
-
 # ----------------------------------------------------------------------- the writer ----
 class _Writer:
     """Buffers the maps and rows of whole images; when the buffer holds ``shard_size`` maps,
@@ -269,7 +263,7 @@ class _Writer:
 
 def _png(store: _store.Store, name: str, rgb: torch.Tensor, maps: torch.Tensor,
          titles: List[str], image_title: str) -> str:
-    from . import viz
+    from .. import viz
     fig = viz.explanation_figure(rgb, maps, titles, image_title=display(image_title)[:60],
                                  suptitle="TSGB: red = evidence for the class, blue = against")
     rel = f"{_store.PNG}/{name}.png"
@@ -291,6 +285,22 @@ def _check_finite(model: torch.nn.Module, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- command ----
+def run(args: argparse.Namespace) -> int:
+    """``tsgb explain``: see the module docstring. Ctrl-C at any moment ends with exit code 130
+    and the hint to resume, never a traceback."""
+    job = _Job(args, _validate(args))
+    try:
+        job.choose_device()
+        job.check_output()
+        job.find_images()
+        job.load_model()
+        job.plan_targets()
+        job.start_distributed()
+        return job.explain_into_output()
+    except KeyboardInterrupt:
+        return job.interrupted()
+
+
 def _validate(args) -> dict:
     """Every check that needs no model, before anything is written or a process group made."""
     fmts = set()
@@ -324,15 +334,148 @@ def _validate(args) -> dict:
     return {"formats": fmts, "ids": ids}
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    """``tsgb explain``: see the module docstring. Ctrl-C at any moment ends with exit code 130
-    and the hint to resume, never a traceback."""
-    v = _validate(args)
-    ctx: Dict[str, object] = {"out": None}
-    try:
-        return _explain(args, v, ctx)
-    except KeyboardInterrupt:
-        out = ctx["out"]
+class _Job:
+    """One ``tsgb explain`` run, step by step: every check first (device, output path,
+    images, model, targets), then the process group, then rank 0 takes DIR and every rank
+    explains its share of the images."""
+
+    def __init__(self, args: argparse.Namespace, v: dict):
+        self.args, self.v = args, v
+        self.npy = "npy" in v["formats"]
+        self.world, self.rank, self.local = _dist_info()
+        self.taken: Optional[str] = None       # DIR, once rank 0 may have written to it
+        self.store: Optional[_store.Store] = None
+        self.dist = None
+        self.barrier: Callable[[], None] = lambda: None
+
+    # ---- checks: nothing is written before all of them passed
+    def choose_device(self) -> None:
+        args = self.args
+        if args.device in (None, "auto"):
+            spec = f"cuda:{self.local}" if torch.cuda.is_available() else "cpu"
+        elif args.device == "cuda" and self.world > 1:
+            spec = f"cuda:{self.local}"
+        else:
+            spec = args.device
+        self.dev = resolve_device(spec)
+        self.backend = args.backend
+        check_backend(self.backend, self.dev)
+
+    def check_output(self) -> None:
+        try:
+            self.out = _store.check_out_path(self.args.out)   # nothing is created yet
+        except StoreError as e:
+            raise CLIError(str(e)) from None
+        _store.fault("start")
+
+    def find_images(self) -> None:
+        from ..data import pipeline
+        out = self.out
+        # the output folder (and its png/, shards/) is never searched for inputs
+        exclude = [out, os.path.join(out, _store.PNG), os.path.join(out, _store.SHARDS)]
+        try:
+            self.items = pipeline.list_images(self.args.inputs, exclude=exclude)
+        except OSError as e:
+            raise CLIError(str(e)) from None
+        if not self.items:
+            raise CLIError(f"no image files in {', '.join(map(display, self.args.inputs))} "
+                           f"(folders are searched for {', '.join(pipeline.IMAGE_EXTENSIONS)}; "
+                           f"--out is not)")
+
+    def load_model(self) -> None:
+        from ..data import models
+        args = self.args
+        try:
+            self.loaded = models.load_model(args.model, args.weights, "cpu")
+        except (models.ModelSpecError, models.ModelUnavailableError) as e:
+            raise CLIError(str(e)) from None
+        _check_finite(self.loaded.model, f"--weights {args.weights}" if args.weights
+                      else f"--model {args.model}")
+        _store.fault("model")
+        self.size = args.size or self.loaded.size
+        self.mean, self.std = args.mean or self.loaded.mean, args.std or self.loaded.std
+        self.num_classes = _num_classes(self.loaded.model, self.size, args.model)
+        names = self.loaded.class_names
+        self.names = names if names and len(names) == self.num_classes \
+            else [f"class_{i}" for i in range(self.num_classes)]
+
+    def plan_targets(self) -> None:
+        """Check the targets against the model; the run's config and how many targets a
+        complete image has (resume checks every committed image against it)."""
+        args, v, n = self.args, self.v, self.num_classes
+        if v["ids"] and max(v["ids"]) >= n:
+            raise CLIError(f"--target: class id {max(v['ids'])} is not in [0, {n}) for "
+                           f"--model {args.model}")
+        if args.top_k and args.top_k > n:
+            raise CLIError(f"--top-k {args.top_k}: the model has only {n} classes")
+        labels = _load_labels(args.labels, self.items, n, self.names) if args.labels else None
+        self.labels = labels
+        self.config = {"model": args.model, "weights": os.path.abspath(args.weights)
+                       if args.weights else None, "size": list(self.size),
+                       "mean": list(self.mean), "std": list(self.std), "target": args.target,
+                       "top_k": args.top_k,
+                       "labels": os.path.abspath(args.labels) if args.labels else None,
+                       "formats": sorted(v["formats"])}
+        if args.top_k:
+            self.expected: Callable[[str], Optional[int]] = lambda p: args.top_k
+        elif labels is not None:
+            self.expected = lambda p: len(labels[p]) if p in labels else None
+        elif v["ids"]:
+            self.expected = lambda p: len(v["ids"])
+        else:
+            self.expected = lambda p: 1
+
+    # ---- distributed: only after every check, so that no rank waits on one that failed
+    def start_distributed(self) -> None:
+        if self.world <= 1:
+            return
+        import torch.distributed as dist
+        dev = self.dev
+        if not dist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        self.dist = dist
+        self.barrier = (lambda: dist.barrier(device_ids=[dev.index])) if dev.type == "cuda" \
+            else dist.barrier
+
+    # ---- the output
+    def explain_into_output(self) -> int:
+        self.taken = self.out
+        try:
+            done = self.open_output()
+            return _explain_images(self, done)
+        finally:
+            if self.store is not None:
+                self.store.close()
+
+    def open_output(self) -> set:
+        """Rank 0 takes DIR (lock, ownership, run marker, cleanup); every rank learns the
+        result. Returns the images already done (resume)."""
+        from .. import __version__
+        msg: Optional[dict] = None
+        if self.rank == 0:
+            try:
+                self.store, state = _store.open_output(self.out, self.config, self.args.resume,
+                                                       self.npy, self.expected, _warn,
+                                                       __version__)
+                msg = {"ok": True, "run_id": self.store.run_id, "done": sorted(state.done)}
+            except StoreError as e:
+                msg = {"ok": False, "error": str(e)}
+        if self.dist:
+            box = [msg]
+            self.dist.broadcast_object_list(box, src=0)
+            msg = box[0]
+        if not msg["ok"]:
+            if self.dist:
+                self.dist.destroy_process_group()
+            raise CLIError(msg["error"])
+        if self.store is None:
+            self.store = _store.Store(self.out, msg["run_id"])
+        return set(msg["done"])
+
+    def interrupted(self) -> int:
+        out = self.taken
         if out and _store.read_marker(str(out)) is not None:
             _warn(f"interrupted: the complete images are kept; run the same command with "
                   f"--resume to complete {display(str(out))}")
@@ -341,236 +484,186 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 130
 
 
-def _explain(args: argparse.Namespace, v: dict, ctx: dict) -> int:
-    from . import __version__, models, pipeline
-
-    world, rank, local = _dist_info()
-    if args.device in (None, "auto"):
-        dev_spec = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and world > 1:
-        dev_spec = f"cuda:{local}"
-    else:
-        dev_spec = args.device
-    dev = resolve_device(dev_spec)
-    backend = args.backend
-    check_backend(backend, dev)
-    try:
-        out = _store.check_out_path(args.out)   # nothing is created before every check passed
-    except StoreError as e:
-        raise CLIError(str(e)) from None
-    _store.fault("start")
-    # the output folder (and its png/, shards/) is never searched for inputs
-    exclude = [out, os.path.join(out, _store.PNG), os.path.join(out, _store.SHARDS)]
-    try:
-        items = pipeline.list_images(args.inputs, exclude=exclude)
-    except OSError as e:
-        raise CLIError(str(e)) from None
-    if not items:
-        raise CLIError(f"no image files in {', '.join(map(display, args.inputs))} (folders are "
-                       f"searched for {', '.join(pipeline.IMAGE_EXTENSIONS)}; --out is not)")
-    try:
-        loaded = models.load_model(args.model, args.weights, "cpu")
-    except (models.ModelSpecError, models.ModelUnavailableError) as e:
-        raise CLIError(str(e)) from None
-    _check_finite(loaded.model, f"--weights {args.weights}" if args.weights
-                  else f"--model {args.model}")
-    _store.fault("model")
-    size = args.size or loaded.size
-    mean, std = args.mean or loaded.mean, args.std or loaded.std
+def _num_classes(model: torch.nn.Module, size, spec: str) -> int:
+    """The model's number of classes, from one forward pass of zeros."""
     try:
         with torch.no_grad():
-            logits = loaded.model(torch.zeros(1, 3, *size))
+            logits = model(torch.zeros(1, 3, *size))
         logits = logits.logits if hasattr(logits, "logits") else logits
-        num_classes = int(logits.shape[-1])
+        return int(logits.shape[-1])
     except Exception as e:
-        raise CLIError(f"--model {args.model} does not run on a 1x3x{size[0]}x{size[1]} input "
+        raise CLIError(f"--model {spec} does not run on a 1x3x{size[0]}x{size[1]} input "
                        f"({type(e).__name__}: {e}); check --size") from None
-    names = loaded.class_names if loaded.class_names and len(loaded.class_names) == num_classes \
-        else [f"class_{i}" for i in range(num_classes)]
-    if v["ids"] and max(v["ids"]) >= num_classes:
-        raise CLIError(f"--target: class id {max(v['ids'])} is not in [0, {num_classes}) for "
-                       f"--model {args.model}")
-    if args.top_k and args.top_k > num_classes:
-        raise CLIError(f"--top-k {args.top_k}: the model has only {num_classes} classes")
-    labels = _load_labels(args.labels, items, num_classes, names) if args.labels else None
-
-    config = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights
-              else None, "size": list(size), "mean": list(mean), "std": list(std),
-              "target": args.target, "top_k": args.top_k,
-              "labels": os.path.abspath(args.labels) if args.labels else None,
-              "formats": sorted(v["formats"])}
-    npy = "npy" in v["formats"]
-    # how many targets a complete image has (resume checks every committed image against it)
-    if args.top_k:
-        expected: Callable[[str], Optional[int]] = lambda p: args.top_k
-    elif labels is not None:
-        expected = lambda p: len(labels[p]) if p in labels else None  # noqa: E731
-    elif v["ids"]:
-        expected = lambda p: len(v["ids"])  # noqa: E731
-    else:
-        expected = lambda p: 1  # noqa: E731
-
-    # ---- distributed: only after every check, so that no rank waits on one that failed
-    dist = None
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            if dev.type == "cuda":
-                torch.cuda.set_device(dev)
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    barrier = (lambda: dist.barrier(device_ids=[dev.index]) if dev.type == "cuda"
-               else dist.barrier()) if dist else (lambda: None)
-
-    # ---- rank 0 takes DIR (lock, ownership, run marker, cleanup); every rank learns the result
-    store: Optional[_store.Store] = None
-    ctx["out"] = out
-    try:
-        msg: Optional[dict] = None
-        if rank == 0:
-            try:
-                store, state = _store.open_output(out, config, args.resume, npy, expected,
-                                                  _warn, __version__)
-                msg = {"ok": True, "run_id": store.run_id, "done": sorted(state.done)}
-            except StoreError as e:
-                msg = {"ok": False, "error": str(e)}
-        if dist:
-            box = [msg]
-            dist.broadcast_object_list(box, src=0)
-            msg = box[0]
-        if not msg["ok"]:
-            if dist:
-                dist.destroy_process_group()
-            raise CLIError(msg["error"])
-        if store is None:
-            store = _store.Store(out, msg["run_id"])
-        return _run(args, v, store, set(msg["done"]), items, labels, names, expected, config,
-                    dev, backend, size, mean, std, loaded, world, rank, dist, barrier)
-    finally:
-        if store is not None:
-            store.close()
 
 
-def _run(args, v, store, done, items, labels, names, expected, config, dev, backend, size,
-         mean, std, loaded, world, rank, dist, barrier) -> int:
-    from . import pipeline
-    out = store.out
-    npy = "npy" in v["formats"]
-    todo = [it for it in items if it.path not in done]
+class _Tally:
+    """What this rank did: images and maps written, failures, the backend that ran."""
+
+    def __init__(self):
+        self.images, self.maps, self.backend = 0, 0, ""
+        self.failed: List[Tuple[str, str]] = []
+
+    def fail(self, path: str, err: str) -> None:
+        _warn(f"skipped {display(path)}: {display(err)}")
+        self.failed.append((path, err))
+
+
+def _explain_images(job: _Job, done: set) -> int:
+    """Explain this rank's share of the images not done yet; rank 0 writes the index."""
+    todo, unlabelled = _images_to_do(job, done)
+    job.barrier()  # rank 0 has cleaned DIR before any rank writes to it
+    mine = todo[job.rank::job.world]
+    writer = _Writer(job.store, job.rank, job.args.shard_size, job.npy,
+                     job.args.stop_after_shards)
+    tally = _Tally()
+    t0 = time.perf_counter()
+    if not _explain_loop(job, mine, writer, tally):
+        return _report_interrupt(job, writer)
+    return _finish(job, tally, time.perf_counter() - t0, done, unlabelled)
+
+
+def _images_to_do(job: _Job, done: set):
+    """The images not done yet (those --labels lists), and the ones --labels does not list."""
+    todo = [it for it in job.items if it.path not in done]
     unlabelled = []
-    if labels is not None:
-        unlabelled = [it.path for it in todo if it.path not in labels]
-        todo = [it for it in todo if it.path in labels]
-    barrier()  # rank 0 has cleaned DIR before any rank writes to it
-    mine = todo[rank::world]
+    if job.labels is not None:
+        unlabelled = [it.path for it in todo if it.path not in job.labels]
+        todo = [it for it in todo if it.path in job.labels]
+    return todo, unlabelled
 
-    model = loaded.model.to(dev)
-    writer = _Writer(store, rank, args.shard_size, npy, args.stop_after_shards)
-    ds = pipeline.ImageFileDataset(mine, size, **loaded.resize_options())
+
+def _target_spec(job: _Job):
+    """(target, top_k) for pipeline.explain_batches."""
+    args, labels, ids = job.args, job.labels, job.v["ids"]
+    if args.top_k:
+        return "top1", args.top_k
+    if labels is not None:
+        return (lambda meta, lg: [labels[p] for p in meta["path"]]), None
+    if ids:
+        return ids, None
+    return "top1", None
+
+
+def _explain_loop(job: _Job, mine, writer: _Writer, tally: _Tally) -> bool:
+    """Explain ``mine`` batch by batch into ``writer``; False when interrupted."""
+    from tqdm import tqdm
+
+    from ..data import pipeline
+    args, dev = job.args, job.dev
+    ds = pipeline.ImageFileDataset(mine, job.size, **job.loaded.resize_options())
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                      collate_fn=pipeline.collate, pin_memory=dev.type == "cuda",
                                      persistent_workers=False,
                                      worker_init_fn=_store.close_inherited_locks)
-    if args.top_k:
-        target, top_k = "top1", args.top_k
-    elif labels is not None:
-        target, top_k = (lambda meta, lg: [labels[p] for p in meta["path"]]), None
-    elif v["ids"]:
-        target, top_k = v["ids"], None
-    else:
-        target, top_k = "top1", None
-
-    from tqdm import tqdm
-    bar = tqdm(total=len(mine), unit="img", desc="tsgb explain" + (f" [rank {rank}]" if world > 1
-                                                                    else ""),
-               disable=args.no_progress or rank != 0, dynamic_ncols=True, file=sys.stderr)
-    failed: List[Tuple[str, str]] = []
-    n_images, n_maps, last_backend = 0, 0, ""
-    t0 = time.perf_counter()
-    interrupted = False
+    target, top_k = _target_spec(job)
+    bar = tqdm(total=len(mine), unit="img",
+               desc="tsgb explain" + (f" [rank {job.rank}]" if job.world > 1 else ""),
+               disable=args.no_progress or job.rank != 0, dynamic_ncols=True, file=sys.stderr)
+    model = job.loaded.model.to(dev)
     try:
         for res in pipeline.explain_batches(model, dl, target=target, top_k=top_k, device=dev,
-                                            backend=backend, amp=args.amp, mean=mean, std=std):
-            meta = res.meta
-            for path, err in meta["failed"]:
-                _warn(f"skipped {display(path)}: {display(err)}")
-                failed.append((path, err))
-            last_backend = res.backend
-            host = res.numpy() if res.maps.shape[0] else None
-            finite = (torch.isfinite(res.maps).flatten(2).all(2).cpu().numpy()
-                      if res.maps.shape[0] else None)
-            for b, path in enumerate(meta["path"]):
-                it = ds.items[meta["index"][b]]
-                valid = host["valid"][b]
-                if not finite[b][valid].all():
-                    err = "the map is not finite (NaN or inf): check the model and its weights"
-                    _warn(f"skipped {display(path)}: {err}")
-                    failed.append((path, err))
-                    continue
-                cls = [int(c) for c, ok in zip(host["targets"][b], valid) if ok]
-                sc = [float(s) for s, ok in zip(host["scores"][b], valid) if ok]
-                png = ""
-                if "png" in v["formats"]:
-                    titles = [f"{names[c]}  p={s:.2f}" for c, s in zip(cls, sc)]
-                    rgb = res.inputs[b]  # the [0, 1] RGB the model saw
-                    png = _png(store, safe_name(it.rel, it.path), rgb,
-                               res.maps[b][torch.as_tensor(valid, device=res.maps.device)],
-                               titles, it.rel)
-                rows = [{"image": path, "target": c, "class_name": names[c], "score": f"{s:.6g}",
-                         "rank": j + 1, "shard": "", "row": "", "png": png}
-                        for j, (c, s) in enumerate(zip(cls, sc))]
-                writer.add(rows, host["maps"][b][valid] if npy else None)
-                n_maps += len(rows)
-                n_images += 1
-            bar.update(len(meta["path"]) + len(meta["failed"]))
+                                            backend=job.backend, amp=args.amp, mean=job.mean,
+                                            std=job.std):
+            _write_batch(job, ds, res, writer, tally)
+            bar.update(len(res.meta["path"]) + len(res.meta["failed"]))
         writer.flush()
     except (_Interrupted, KeyboardInterrupt):
-        interrupted = True
+        return False
     finally:
         bar.close()
-    dt = time.perf_counter() - t0
-    if interrupted:
-        if world == 1:  # one process: index.csv holds every complete image
-            try:
-                store.write_index(store.scan(npy, expected).parts)
-            except KeyboardInterrupt:
-                pass
-        _warn(f"interrupted: {writer.maps_written} maps of {writer.images_written} images are "
-              f"written in this run (every complete image is kept); run the same command with "
-              f"--resume to complete {display(out)}")
-        return 130
+    return True
 
-    # ---- gather the counts and failures, rank 0 writes the index
-    stats = {"images": n_images, "maps": n_maps, "failed": failed, "seconds": dt}
-    if dist:
-        gathered: List[dict] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, stats)
-        barrier()
+
+def _write_batch(job: _Job, ds, res, writer: _Writer, tally: _Tally) -> None:
+    """One explained batch: its failures noted, each image's rows (and maps, PNG) written."""
+    meta = res.meta
+    for path, err in meta["failed"]:
+        tally.fail(path, err)
+    tally.backend = res.backend
+    host = res.numpy() if res.maps.shape[0] else None
+    finite = (torch.isfinite(res.maps).flatten(2).all(2).cpu().numpy()
+              if res.maps.shape[0] else None)
+    for b, path in enumerate(meta["path"]):
+        valid = host["valid"][b]
+        if not finite[b][valid].all():
+            tally.fail(path, "the map is not finite (NaN or inf): check the model and its "
+                             "weights")
+            continue
+        rows = _image_rows(job, ds.items[meta["index"][b]], res, host, b)
+        writer.add(rows, host["maps"][b][valid] if job.npy else None)
+        tally.maps += len(rows)
+        tally.images += 1
+
+
+def _image_rows(job: _Job, it, res, host, b: int) -> List[Dict[str, object]]:
+    """The index rows of image ``b`` of a batch (its PNG written when asked for)."""
+    valid = host["valid"][b]
+    cls = [int(c) for c, ok in zip(host["targets"][b], valid) if ok]
+    sc = [float(s) for s, ok in zip(host["scores"][b], valid) if ok]
+    names = job.names
+    png = ""
+    if "png" in job.v["formats"]:
+        titles = [f"{names[c]}  p={s:.2f}" for c, s in zip(cls, sc)]
+        rgb = res.inputs[b]  # the [0, 1] RGB the model saw
+        png = _png(job.store, safe_name(it.rel, it.path), rgb,
+                   res.maps[b][torch.as_tensor(valid, device=res.maps.device)], titles, it.rel)
+    return [{"image": res.meta["path"][b], "target": c, "class_name": names[c],
+             "score": f"{s:.6g}", "rank": j + 1, "shard": "", "row": "", "png": png}
+            for j, (c, s) in enumerate(zip(cls, sc))]
+
+
+def _report_interrupt(job: _Job, writer: _Writer) -> int:
+    if job.world == 1:  # one process: index.csv holds every complete image
+        try:
+            job.store.write_index(job.store.scan(job.npy, job.expected).parts)
+        except KeyboardInterrupt:
+            pass
+    _warn(f"interrupted: {writer.maps_written} maps of {writer.images_written} images are "
+          f"written in this run (every complete image is kept); run the same command with "
+          f"--resume to complete {display(job.store.out)}")
+    return 130
+
+
+def _finish(job: _Job, tally: _Tally, dt: float, done: set, unlabelled: List[str]) -> int:
+    """Gather the counts and failures; rank 0 writes the index and the summary."""
+    stats = {"images": tally.images, "maps": tally.maps, "failed": tally.failed, "seconds": dt}
+    if job.dist:
+        gathered: List[dict] = [None] * job.world  # type: ignore[list-item]
+        job.dist.all_gather_object(gathered, stats)
+        job.barrier()
     else:
         gathered = [stats]
     imgs = sum(s["images"] for s in gathered)
-    if rank == 0:
-        state = store.scan(npy, expected, cleanup=True, warn=_warn)
-        total_rows = store.write_index(state.parts)
-        all_failed = sorted(f for s in gathered for f in s["failed"])
-        store.write_failed(all_failed)
-        maps = sum(s["maps"] for s in gathered)
-        secs = max(s["seconds"] for s in gathered)
-        lines = [f"tsgb explain: {imgs} images explained ({maps} maps) in {secs:.1f} s "
-                 f"({imgs / secs if secs > 0 else 0:.1f} images/s) on {world} process(es), "
-                 f"device {dev.type}, backend {last_backend or backend}",
-                 f"  already done (resume): {len(done)} images; index: "
-                 f"{display(os.path.join(out, INDEX))} ({total_rows} rows)"]
-        if unlabelled:
-            lines.append(f"  not in --labels (skipped): {len(unlabelled)} images")
-        lines.append(f"  unreadable (skipped): {len(all_failed)}" +
-                     "".join(f"\n    {display(p)}: {display(e)}" for p, e in all_failed[:50]) +
-                     ("\n    ... (see failed.csv)" if len(all_failed) > 50 else ""))
-        print("\n".join(lines))
-        if imgs + len(done) == 0:
-            print(f"tsgb explain: error: no image could be explained ({len(all_failed)} "
-                  f"unreadable, {len(unlabelled)} not in --labels; see "
-                  f"{display(os.path.join(out, _store.FAILED))})", file=sys.stderr)
-    if dist:
-        barrier()
-        dist.destroy_process_group()
+    if job.rank == 0:
+        _write_summary(job, gathered, tally, done, unlabelled)
+    if job.dist:
+        job.barrier()
+        job.dist.destroy_process_group()
     return 1 if imgs + len(done) == 0 else 0
+
+
+def _write_summary(job: _Job, gathered: List[dict], tally: _Tally, done: set,
+                   unlabelled: List[str]) -> None:
+    store, out = job.store, job.store.out
+    state = store.scan(job.npy, job.expected, cleanup=True, warn=_warn)
+    total_rows = store.write_index(state.parts)
+    all_failed = sorted(f for s in gathered for f in s["failed"])
+    store.write_failed(all_failed)
+    imgs = sum(s["images"] for s in gathered)
+    maps = sum(s["maps"] for s in gathered)
+    secs = max(s["seconds"] for s in gathered)
+    lines = [f"tsgb explain: {imgs} images explained ({maps} maps) in {secs:.1f} s "
+             f"({imgs / secs if secs > 0 else 0:.1f} images/s) on {job.world} process(es), "
+             f"device {job.dev.type}, backend {tally.backend or job.backend}",
+             f"  already done (resume): {len(done)} images; index: "
+             f"{display(os.path.join(out, INDEX))} ({total_rows} rows)"]
+    if unlabelled:
+        lines.append(f"  not in --labels (skipped): {len(unlabelled)} images")
+    lines.append(f"  unreadable (skipped): {len(all_failed)}" +
+                 "".join(f"\n    {display(p)}: {display(e)}" for p, e in all_failed[:50]) +
+                 ("\n    ... (see failed.csv)" if len(all_failed) > 50 else ""))
+    print("\n".join(lines))
+    if imgs + len(done) == 0:
+        print(f"tsgb explain: error: no image could be explained ({len(all_failed)} "
+              f"unreadable, {len(unlabelled)} not in --labels; see "
+              f"{display(os.path.join(out, _store.FAILED))})", file=sys.stderr)

@@ -24,7 +24,8 @@ except ImportError as e:  # pragma: no cover - exercised only without captum
     raise ImportError("tsgb_ext.captum needs the captum package (pip install captum, or "
                       "pip install 'tsgb_ext[captum]')") from e
 
-from . import explainer as _explainer
+from ..core.explainer import TSGB as _TSGB
+from ..core.inputs import check_call
 
 
 def _targets(target, n: int, device) -> Optional[torch.Tensor]:
@@ -68,8 +69,8 @@ class TSGB(GradientAttribution):
                  classifier: Union[None, str, nn.Linear] = None, allow_tf32: bool = False,
                  fuse: bool = True) -> None:
         GradientAttribution.__init__(self, model)
-        self.explainer = _explainer.TSGB(model, backend=backend, classifier=classifier,
-                                         allow_tf32=allow_tf32, fuse=fuse)
+        self.explainer = _TSGB(model, backend=backend, classifier=classifier,
+                               allow_tf32=allow_tf32, fuse=fuse)
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -100,7 +101,7 @@ class TSGB(GradientAttribution):
             x = inputs[0]
         else:
             x = inputs
-        _explainer._check_call(x)
+        check_call(x)
         tgt = _targets(target, x.shape[0], x.device)
         if additional_forward_args is None:
             fargs: tuple = ()

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .explainer import TargetLike, _check_x, _logits, _target_tensor
+from ..core.inputs import TargetLike, check_x, logits as model_logits, target_tensor
 
 __all__ = ["Gradient", "GradientXInput", "GuidedBackprop", "GradCAM", "METHODS", "make_method"]
 
@@ -56,9 +56,9 @@ class _GradMethod:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(f"{type(self).__name__}.attribute needs autograd; call it outside "
                                f"torch.inference_mode()")
-        _check_x(x)
+        check_x(x)
         n = x.shape[0]
-        tgt = _target_tensor(target, n, x.device)
+        tgt = target_tensor(target, n, x.device)
         if n == 0:
             t = tgt.shape[1] if tgt is not None else 1
             return x.new_zeros((0, t) + tuple(x.shape[2:]))
@@ -66,7 +66,7 @@ class _GradMethod:
         handles = self._install()
         try:
             with torch.enable_grad():
-                logits = _logits(self.model(xin))
+                logits = model_logits(self.model(xin))
                 k = logits.shape[1]
                 if tgt is None:
                     tgt = logits.detach().argmax(1, keepdim=True)
@@ -188,7 +188,7 @@ class GradCAM(_GradMethod):
 
     def attribute(self, x, target=None):
         if self.layer is None:
-            _check_x(x)
+            check_x(x)
             self.layer = _default_cam_layer(self.model, x)
         self._size = tuple(x.shape[-2:])
         return super().attribute(x, target)
@@ -215,7 +215,7 @@ class GradCAM(_GradMethod):
 
 
 def _tsgb(model, **kw):
-    from .explainer import TSGB
+    from ..core.explainer import TSGB
     return TSGB(model, **kw)
 
 

@@ -1,36 +1,26 @@
-"""The ``tsgb`` command line.
-
-    tsgb demo --out DIR [--top-k 3] [--device cpu|cuda] [--backend auto|native|hooks]
-    python -m tsgb_ext.cli demo --out DIR
-
-Each subcommand is one ``cmd_<name>(args) -> int`` function registered in :func:`build_parser`;
-add a subcommand with ``_add_<name>(subparsers)`` and its ``cmd_<name>``.
-"""
+"""``tsgb demo``: explain real photographs with a pretrained EfficientNet-Lite0: scikit-image's
+chelsea (cat) and coffee (espresso), and a cat|espresso mosaic; one PNG figure per image."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import sys
-import tempfile
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .explainer import _tf32_off
+from .. import viz
+from ..core.explainer import TSGB
+from ..data import imagenet, models
+from ..evaluation.benchmarks import make_mosaic
+from ._common import (BACKENDS, DEVICE_HELP, CLIError, check_backend, full_fp32,
+                      prepare_out_dir, resolve_device)
 
-BACKENDS = ("auto", "native", "hooks")
 MAX_TOP_K = 10
 #: Layout of the demo mosaic: one row, the cat (left tile) then the coffee (right tile).
 MOSAIC_GRID = (1, 2)
 
 
-class CLIError(Exception):
-    """A problem with the command's options or environment: reported as ``tsgb: error: ...``."""
-
-
-# ------------------------------------------------------------------------ validation ----
 def _positive_top_k(text: str) -> int:
     try:
         k = int(text)
@@ -41,61 +31,6 @@ def _positive_top_k(text: str) -> int:
     return k
 
 
-DEVICE_HELP = "auto (default: cuda if available, else cpu), cpu, cuda or cuda:N"
-
-
-def resolve_device(spec: str) -> torch.device:
-    """Parse ``--device`` (``auto``: cuda if available, else cpu) and check that it can be
-    used here."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError) as e:
-        raise CLIError(f"--device: not a torch device: {spec!r} ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {spec}: CUDA is not available "
-                           f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
-                           f"use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise CLIError(f"--device must be cpu or cuda[:N], got {spec!r}")
-    return dev
-
-
-def check_backend(backend: str, device: torch.device) -> None:
-    """Fail early, with the reason, when ``--backend native`` cannot run on ``device``."""
-    if backend != "native":
-        return
-    from . import _native
-    if not _native.native_available(device):
-        why = _native.load_error() or f"it was built without {device.type} kernels"
-        raise CLIError(f"--backend native cannot run on {device}: {why}; "
-                       f"use --backend hooks (pure PyTorch) or auto")
-
-
-def prepare_out_dir(path: str) -> str:
-    """Create ``path`` if needed and check that files can be written there."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CLIError(f"--out {path}: exists and is not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"--out {path}: cannot create the directory ({e.strerror or e})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {path}: the directory is not writable")
-    try:  # os.access can be wrong (root, ACLs, read-only mounts): try for real
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".tsgb-write-test-"):
-            pass
-    except OSError as e:
-        raise CLIError(f"--out {path}: the directory is not writable ({e.strerror or e})") from None
-    return path
-
-
-# ------------------------------------------------------------------------------ demo ----
 def demo_images() -> Dict[str, Any]:
     """The demo's photographs (RGB uint8 arrays): scikit-image's ``chelsea`` and ``coffee``."""
     try:
@@ -126,14 +61,6 @@ def pick_class(probs: torch.Tensor, allowed: Sequence[int], k: int = 5,
     return int(idx[probs[idx].argmax()])
 
 
-def make_mosaic(tiles: Sequence[torch.Tensor], grid: Tuple[int, int] = MOSAIC_GRID) -> torch.Tensor:
-    """Tile equal-size (1, C, h, w) images row-major into one (1, C, rows*h, cols*w) image."""
-    rows, cols = grid
-    if len(tiles) != rows * cols:
-        raise ValueError(f"a {rows}x{cols} mosaic needs {rows * cols} tiles, got {len(tiles)}")
-    return torch.cat([torch.cat(list(tiles[r * cols:(r + 1) * cols]), -1) for r in range(rows)], -2)
-
-
 def explain_mosaic(explainer, model, cat_rgb: torch.Tensor, coffee_rgb: torch.Tensor,
                    cat_fallback: Optional[int] = None, coffee_fallback: Optional[int] = None):
     """Explain the cat|coffee mosaic for its top cat class and its top espresso/cup class.
@@ -147,8 +74,6 @@ def explain_mosaic(explainer, model, cat_rgb: torch.Tensor, coffee_rgb: torch.Te
     ``fractions`` [positive mass of the cat map in
     the cat tile, of the coffee map in the coffee tile], ``tile_mass`` (2, rows, cols).
     """
-    from . import imagenet, models, viz
-
     rgb = make_mosaic([cat_rgb, coffee_rgb], MOSAIC_GRID)
     x = models.normalize(rgb)
     probs = predict(model, x)[0]
@@ -165,20 +90,6 @@ def explain_mosaic(explainer, model, cat_rgb: torch.Tensor, coffee_rgb: torch.Te
             "fractions": fractions, "tile_mass": mass}
 
 
-@contextlib.contextmanager
-def full_fp32(device: torch.device):
-    """Turn off TF32 for cuDNN convolutions and CUDA matmuls inside the block (on CUDA).
-
-    PyTorch lets cuDNN run float32 convolutions in TF32 by default. TSGB's rules divide by
-    activations (BatchNorm: by its input; conv: by sums of ``|x|``), which amplifies TF32's
-    rounding: on EfficientNet-Lite0 the cat|espresso mosaic maps came out 176% off the float64
-    maps with TF32 (the espresso map's mass in its tile fell from 98% to 75%) and 4.5% off
-    without it (CPU float32: 11%, with the same tile fractions as float64).
-    """
-    with _tf32_off(torch.device(device).type == "cuda"):
-        yield
-
-
 def run_demo(out: str, top_k: int = 3, device: str = "cpu", backend: str = "auto",
              log=print) -> List[str]:
     """The work of ``tsgb demo``; returns the paths written. ``out`` must exist and be writable."""
@@ -187,18 +98,25 @@ def run_demo(out: str, top_k: int = 3, device: str = "cpu", backend: str = "auto
 
 
 def _run_demo(out, top_k, device, backend, log) -> List[str]:
-    from . import imagenet, models, viz
-    from .explainer import TSGB
-
     dev = torch.device(device)
     model = models.load_efficientnet_lite0(dev)
     explainer = TSGB(model, backend=backend)
     names = imagenet.class_names()
     images = demo_images()
-
-    # The single photographs, batched: top-k by a no-grad forward, then all N x k maps from
-    # one TSGB forward with an (N, k) target.
     rgb = torch.cat([models.load_rgb(img, models.IMAGE_SIZE, dev) for img in images.values()])
+    top_i, written = _explain_photos(explainer, model, images, rgb, top_k, names, out, log,
+                                     dev)
+    keys = list(images)
+    written.append(_explain_the_mosaic(explainer, model, rgb[keys.index("chelsea")][None],
+                                       rgb[keys.index("coffee")][None],
+                                       int(top_i[keys.index("chelsea"), 0]),
+                                       int(top_i[keys.index("coffee"), 0]), names, out, log))
+    return written
+
+
+def _explain_photos(explainer, model, images, rgb, top_k, names, out, log, dev):
+    """The single photographs, batched: top-k by a no-grad forward, then all N x k maps from
+    one TSGB forward with an (N, k) target; one figure each. Returns (top-k classes, paths)."""
     x = models.normalize(rgb)
     probs = predict(model, x)
     top_p, top_i = probs.topk(top_k, dim=1)
@@ -206,7 +124,6 @@ def _run_demo(out, top_k, device, backend, log) -> List[str]:
         warnings.filterwarnings("ignore", message="tsgb_ext: using the pure-PyTorch")
         maps = explainer.attribute(x, top_i)                    # (N, k, H, W)
     log(f"TSGB backend: {explainer.last_backend}, device: {dev}")
-
     written = []
     for n, key in enumerate(images):
         classes = top_i[n].tolist()
@@ -219,15 +136,16 @@ def _run_demo(out, top_k, device, backend, log) -> List[str]:
         path = viz.save_figure(fig, os.path.join(out, f"{key}.png"))
         written.append(path)
         log(f"wrote {path}")
+    return top_i, written
 
-    # The mosaic: cat | coffee, one map for the cat class and one for the coffee class.
-    keys = list(images)
+
+def _explain_the_mosaic(explainer, model, cat_rgb, coffee_rgb, cat_fallback, coffee_fallback,
+                        names, out, log) -> str:
+    """The mosaic: cat | coffee, one map for the cat class and one for the coffee class."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tsgb_ext: using the pure-PyTorch")
-        res = explain_mosaic(explainer, model, rgb[keys.index("chelsea")][None],
-                             rgb[keys.index("coffee")][None],
-                             cat_fallback=int(top_i[keys.index("chelsea"), 0]),
-                             coffee_fallback=int(top_i[keys.index("coffee"), 0]))
+        res = explain_mosaic(explainer, model, cat_rgb, coffee_rgb, cat_fallback=cat_fallback,
+                             coffee_fallback=coffee_fallback)
     log("mosaic: top-5: " + ", ".join(f"{names[c]} {p:.3f}" for c, p in res["top5"]))
     tiles = ("cat", "cup")
     titles = []
@@ -241,26 +159,30 @@ def _run_demo(out, top_k, device, backend, log) -> List[str]:
                                  suptitle="TSGB on a cat | espresso mosaic: red = evidence "
                                           "for the class, blue = against")
     path = viz.save_figure(fig, os.path.join(out, "mosaic.png"))
-    written.append(path)
     log(f"wrote {path}")
-    return written
+    return path
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``tsgb demo``: explain real photographs with a pretrained EfficientNet-Lite0."""
-    from . import models
     dev = resolve_device(args.device)
     check_backend(args.backend, dev)
     out = prepare_out_dir(args.out)
-    try:
-        models.require_efficientnet_lite0()
-    except models.ModelUnavailableError as e:
-        raise CLIError(str(e)) from None
+    require_model()
     run_demo(out, top_k=args.top_k, device=str(dev), backend=args.backend)
     return 0
 
 
-def _add_demo(sub) -> None:
+def require_model() -> None:
+    """The pretrained EfficientNet-Lite0's packages are installed (else a CLIError)."""
+    try:
+        models.require_efficientnet_lite0()
+    except models.ModelUnavailableError as e:
+        raise CLIError(str(e)) from None
+
+
+def register(sub) -> None:
+    """Add ``tsgb demo`` to the ``tsgb`` subcommands."""
     p = sub.add_parser(
         "demo", help="explain real photographs with a pretrained EfficientNet-Lite0",
         description="Explain scikit-image's chelsea (cat) and coffee (espresso) photographs and "
@@ -275,39 +197,4 @@ def _add_demo(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="TSGB backend: auto (native where available, else hooks), native (the "
                         "compiled ops) or hooks (pure PyTorch); default: auto")
-    p.set_defaults(func=cmd_demo)
-
-
-# --------------------------------------------------------------------------- explain ----
-def _add_explain(sub) -> None:
-    from .explain_cli import _add_explain as add  # registers cmd_explain
-    add(sub)
-
-
-# ------------------------------------------------------------------------------ main ----
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tsgb", description="Target-Selective Gradient Backprop (TSGB) saliency maps.")
-    from . import __version__
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    _add_demo(sub)
-    _add_explain(sub)
-    from .eval_cli import _add_eval
-    _add_eval(sub)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``tsgb`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CLIError as e:
-        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    p.set_defaults(func=run)

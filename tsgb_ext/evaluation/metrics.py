@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.inputs import logits as model_logits
+
 __all__ = ["pointing_game", "pointing_hits", "energy_pointing_game", "grid_pointing_game",
            "boxes_to_mask", "deletion_insertion", "rise_auc", "gaussian_blur",
            "model_randomization", "spearman", "ssim", "explain_func"]
@@ -232,8 +234,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, sal: torch.Tensor, tar
 
 
 def _logits_of(out):
-    from .explainer import _logits
-    return _logits(out)
+    return model_logits(out)
 
 
 # ------------------------------------------------------------- randomisation check ----

@@ -1,0 +1,138 @@
+"""The package's house plan: imports point one way (cli -> data / evaluation / viz -> core ->
+convert, ops), nothing imports cli, no module imports another module's private name, and there
+is no import cycle. Read from the source with ast (nothing is imported)."""
+import ast
+import os
+
+import pytest
+
+PKG = "tsgb_ext"
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PKG)
+
+# layer of each top-level part (a module may import only from its own part or lower layers)
+LAYERS = {"cli": 4, "data": 3, "evaluation": 3, "viz": 3, "core": 2, "convert": 1, "ops": 0}
+
+
+def _modules():
+    out = {}
+    for dirpath, _, files in os.walk(ROOT):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, f), os.path.dirname(ROOT))
+                name = rel[:-3].replace(os.sep, ".")
+                if name.endswith(".__init__"):
+                    name = name[: -len(".__init__")]
+                out[name] = os.path.join(dirpath, f)
+    return out
+
+
+MODULES = _modules()
+
+
+def _resolve(mod, level, target):
+    """Absolute name of a (possibly relative) import in module ``mod``."""
+    if level == 0:
+        return target
+    is_pkg = MODULES[mod].endswith("__init__.py")
+    parts = mod.split(".")
+    base = parts if is_pkg else parts[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
+
+
+def _imports(mod):
+    """(imported module, imported name or None, line) for every import of tsgb_ext code."""
+    tree = ast.parse(open(MODULES[mod], encoding="utf-8").read())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == PKG:
+                    out.append((a.name, None, node.lineno))
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(mod, node.level, node.module or "")
+            if base.split(".")[0] != PKG:
+                continue
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                if sub in MODULES:
+                    out.append((sub, None, node.lineno))
+                else:
+                    out.append((base, a.name, node.lineno))
+    return out
+
+
+def _part(mod):
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def test_layout_has_the_planned_parts():
+    for part in LAYERS:
+        assert f"{PKG}.{part}" in MODULES or os.path.exists(os.path.join(ROOT, part + ".py")), part
+
+
+def test_imports_point_one_way():
+    bad = []
+    for mod in MODULES:
+        src = _part(mod)
+        if src is None or src not in LAYERS:
+            continue
+        for target, _, line in _imports(mod):
+            dst = _part(target)
+            if dst is None or dst not in LAYERS or dst == src:
+                continue
+            if LAYERS[dst] >= LAYERS[src]:
+                bad.append(f"{mod}:{line} imports {target} ({src} -> {dst})")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_nothing_imports_cli():
+    bad = sorted({f"{mod}:{line} imports {t}" for mod in MODULES if _part(mod) != "cli"
+                  for t, _, line in _imports(mod) if _part(t) == "cli"})
+    assert not bad, "\n".join(bad)
+
+
+def test_no_private_names_across_modules():
+    bad = []
+    for mod in MODULES:
+        for target, name, line in _imports(mod):
+            if name is None or not name.startswith("_") or name.startswith("__") or name == "_C":
+                continue  # (_C: the compiled extension module, loaded by ops/)
+            if target != mod:
+                bad.append(f"{mod}:{line} imports private {name} from {target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    graph = {m: {t for t, _, _ in _imports(m) if t in MODULES and t != m} for m in MODULES}
+    # a package's __init__ importing its own submodules is how packages expose names
+    for m in graph:
+        graph[m] = {t for t in graph[m] if not (MODULES[m].endswith("__init__.py")
+                                                and t.startswith(m + "."))}
+    seen, stack, cycles = set(), [], []
+
+    def visit(m):
+        if m in stack:
+            cycles.append(stack[stack.index(m):] + [m])
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        stack.append(m)
+        for t in sorted(graph[m]):
+            visit(t)
+        stack.pop()
+
+    for m in sorted(graph):
+        visit(m)
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("mod", sorted(MODULES))
+def test_no_function_longer_than_120_lines(mod):
+    tree = ast.parse(open(MODULES[mod], encoding="utf-8").read())
+    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > 120]
+    assert not long, f"{mod}: " + ", ".join(long)

@@ -1,0 +1,125 @@
+"""What goes into an explanation, checked: the input tensor, the target classes, the model's
+scores (:func:`logits`), and the TF32 switch (:func:`tf32_off`) that keeps float32 CUDA
+convolutions exact while maps are computed."""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import threading
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+TargetLike = Union[None, int, Sequence[int], torch.Tensor]
+
+
+def logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        logits = out
+    elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        logits = out.logits
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        logits = out[0]
+    else:
+        raise TypeError(f"the model's forward must return a (N, classes) tensor of scores, got "
+                        f"{type(out).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"the model's output must be (N, classes) scores, got shape "
+                         f"{tuple(logits.shape)}")
+    return logits
+
+
+def check_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor (N, C, H, W), got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("x must be finite: it contains NaN or inf")
+
+
+def target_tensor(target: TargetLike, n: int, device) -> Optional[torch.Tensor]:
+    """Validate ``target`` against the batch size: None, or an int64 (N, T) tensor."""
+    if target is None:
+        return None
+    if isinstance(target, bool):
+        raise TypeError("target must be an int, a sequence of ints or an integer tensor, got bool")
+    if isinstance(target, numbers.Integral):
+        t = torch.full((n, 1), int(target), dtype=torch.long)
+    else:
+        if isinstance(target, torch.Tensor):
+            t = target.detach()
+        else:
+            try:
+                import numpy as np
+                arr = np.asarray(target)
+            except Exception as e:  # pragma: no cover
+                raise TypeError(f"target must be integers, got {type(target).__name__}") from e
+            if arr.dtype == object or arr.dtype.kind not in "iu":
+                if arr.size == 0 and arr.ndim == 1:
+                    arr = arr.astype("int64")
+                else:
+                    raise TypeError(f"target must be an int, a sequence of ints or an integer "
+                                    f"tensor, got {target!r:.80}")
+            t = torch.as_tensor(arr)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"target must be an integer tensor, got dtype {t.dtype}")
+        if t.dim() == 0:
+            t = t.reshape(1, 1).expand(n, 1)
+        elif t.dim() == 1:
+            if t.shape[0] != n:
+                raise ValueError(f"target has {t.shape[0]} entries but x has {n} samples; expected "
+                                 f"one class per sample (length {n}), an int, or an (N, T) tensor")
+            t = t.reshape(n, 1)
+        elif t.dim() == 2:
+            if t.shape[0] != n:
+                raise ValueError(f"target of shape {tuple(t.shape)} must be (N, T) with N = {n}")
+            if t.shape[1] == 0:
+                raise ValueError("target of shape (N, 0) asks for no class; give T >= 1")
+        else:
+            raise ValueError(f"target must be an int, 1-D (N,) or 2-D (N, T), got shape "
+                             f"{tuple(t.shape)}")
+        t = t.to(torch.long)
+    if t.numel() and int(t.min()) < 0:
+        raise IndexError(f"target must be class indices >= 0, got {int(t.min())}")
+    return t.to(device)
+
+
+# TF32 flags are process-wide: saved on the first entry, restored on the last exit (calls on
+# several threads overlap)
+_tf32_guard = threading.Lock()
+_tf32_depth = 0
+_tf32_saved: Optional[Tuple[bool, bool]] = None
+
+
+@contextlib.contextmanager
+def tf32_off(active: bool):
+    global _tf32_depth, _tf32_saved
+    if not active:
+        yield
+        return
+    with _tf32_guard:
+        if _tf32_depth == 0:
+            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_depth += 1
+    try:
+        yield
+    finally:
+        with _tf32_guard:
+            _tf32_depth -= 1
+            if _tf32_depth == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = \
+                    _tf32_saved
+
+
+def check_call(x) -> None:
+    """``check_x``, and autograd must be on (no ``torch.inference_mode()``)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("TSGB.attribute needs autograd and cannot run under "
+                           "torch.inference_mode(); call it outside that block "
+                           "(torch.no_grad() is fine)")
+    check_x(x)

@@ -1,0 +1,70 @@
+"""The compiled backend object the model conversion uses (only imported when tsgb_ext._C
+loaded)."""
+from __future__ import annotations
+
+import torch
+
+from .autograd import linear_rule
+
+ops = torch.ops.tsgb_ext
+
+
+# ---- the backend object ----------------------------------------------------------------
+def _autocast(x: torch.Tensor, *tensors):
+    """Under torch.autocast, cast like autocast does for conv/linear (to its lower-precision
+    dtype); custom ops are not covered by autocast's own casting."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dt) if t is not None and t.is_floating_point() else t
+                     for t in (x,) + tensors)
+    return (x,) + tensors
+
+
+class NativeBackend:
+    """The compiled backend, as the interface tsgb_ext's model conversion expects."""
+
+    name = "native"
+    #: declared capabilities (see tsgb_ext.core.backend.Backend)
+    supports_fusion = True      # conv2d_bn_act: conv -> BN -> activation as one op
+    supports_conv_relu = True   # conv2d_relu
+
+    @staticmethod
+    def conv2d(x, weight, bias, stride, padding, dilation, groups):
+        x, weight, bias = _autocast(x, weight, bias)
+        return ops.conv2d(x, weight, bias, list(stride), list(padding), list(dilation), int(groups))
+
+    @staticmethod
+    def conv2d_relu(x, weight, bias, stride, padding, dilation, groups):
+        x, weight, bias = _autocast(x, weight, bias)
+        return ops.conv2d_relu(x, weight, bias, list(stride), list(padding), list(dilation),
+                               int(groups))
+
+    @staticmethod
+    def conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, running_mean,
+                      running_var, bn_weight, bn_bias, bn_eps, act):
+        """conv -> eval BatchNorm -> activation (0 none, 1 ReLU, 2 ReLU6), one autograd node."""
+        x, weight, bias = _autocast(x, weight, bias)
+        out, _y = ops.conv2d_bn_act(x, weight, bias, list(stride), list(padding), list(dilation),
+                                    int(groups), running_mean, running_var, bn_weight, bn_bias,
+                                    float(bn_eps), int(act))
+        return out
+
+    @staticmethod
+    def batch_norm(x, running_mean, running_var, weight, bias, eps):
+        return ops.batch_norm(x, running_mean, running_var, weight, bias, float(eps))
+
+    @staticmethod
+    def avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return ops.avg_pool2d(x, list(kernel_size), list(stride), list(padding), bool(ceil_mode),
+                              bool(count_include_pad), divisor_override)
+
+    @staticmethod
+    def linear(x, weight, bias):
+        x, weight, bias = _autocast(x, weight, bias)
+        return ops.linear(x, weight, bias)
+
+    linear_rule = staticmethod(linear_rule)
+
+
+BACKEND = NativeBackend()
