@@ -24,6 +24,7 @@ Both print a table, write ``{method: {metric: value, ..., "images_per_s": ...}}`
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 import torch
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     """``tsgb eval grid`` / ``tsgb eval pointing``."""
     dev = resolve_device(args.device)
     check_backend(args.backend, dev)
+    check_inputs(args)  # a bad DIR or --labels is reported before the model loads
     classifier = load_classifier(dev)
     with full_fp32(dev):
         try:
@@ -46,6 +48,19 @@ def run(args: argparse.Namespace) -> int:
         except BenchmarkError as e:
             raise CLIError(str(e)) from None
     return report(results, args, info, dev)
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The folder (and --labels file) exist and have the expected layout."""
+    if not os.path.isdir(args.dir):
+        raise CLIError(f"{args.dir}: not a directory")
+    if args.metric == "pointing":
+        for sub in ("JPEGImages", "Annotations"):
+            if not os.path.isdir(os.path.join(args.dir, sub)):
+                raise CLIError(f"{args.dir}: expected Pascal VOC layout (JPEGImages/ and "
+                               f"Annotations/)")
+    if args.labels is not None and not os.path.isfile(args.labels):
+        raise CLIError(f"--labels {args.labels}: no such file")
 
 
 def parse_methods(text: str) -> List[str]:
