@@ -32,7 +32,8 @@ Subcommands:
   fused, unfused, one call of each per round, ``--rounds`` rounds, medians. (b) phase split,
   model kept converted: ``--alternations`` times a with-block of ``--calls`` calls fused, then
   one unfused; per call the time up to ``torch.autograd.grad`` (forward with autograd,
-  conversion bookkeeping and target selection included) and inside it (the backward).
+  conversion bookkeeping and target selection included), inside it (the backward) and after
+  it (the map); medians of each.
 * ``maps``: relative L2 differences of maps (not timings): hooks backend under
   ``torch.compile`` against eager and eager float32 against float64 (ResNet50, batch 4), and
   the native fused against unfused maps on the pretrained EfficientNet-Lite0 (float64 and
