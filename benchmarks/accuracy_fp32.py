@@ -29,7 +29,6 @@ import sys
 import warnings
 
 import torch
-import torch.nn as nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -37,38 +36,15 @@ sys.path.insert(0, HERE)
 
 
 def families():
-    """name -> (factory, input size): as ``tests/test_models.py``'s FAMILIES."""
-    import torchvision.models as tvm
-    return {
-        "vgg11": (lambda: tvm.vgg11(num_classes=10), 64),
-        "vgg11_bn": (lambda: tvm.vgg11_bn(num_classes=10), 64),
-        "resnet18": (lambda: tvm.resnet18(num_classes=10), 48),
-        "resnet50": (lambda: tvm.resnet50(num_classes=10), 48),
-        "resnext50": (lambda: tvm.resnext50_32x4d(num_classes=10), 48),
-        "densenet121": (lambda: tvm.densenet121(num_classes=10), 64),
-        "mobilenet_v2": (lambda: tvm.mobilenet_v2(num_classes=10), 48),
-        "mobilenet_v3_small": (lambda: tvm.mobilenet_v3_small(num_classes=10), 48),
-        "googlenet": (lambda: tvm.googlenet(num_classes=10, aux_logits=False, init_weights=True), 48),
-        "inception_v3": (lambda: tvm.inception_v3(num_classes=10, aux_logits=False,
-                                                  init_weights=True), 112),
-        "shufflenet_v2": (lambda: tvm.shufflenet_v2_x0_5(num_classes=10), 48),
-        "mnasnet": (lambda: tvm.mnasnet0_5(num_classes=10), 48),
-        "efficientnet_b0": (lambda: tvm.efficientnet_b0(num_classes=10), 48),
-        "regnet": (lambda: tvm.regnet_y_400mf(num_classes=10), 48),
-    }
+    """name -> (factory, input size): the families of ``tests/test_models.py``."""
+    from test_models import FAMILIES
+    return FAMILIES
 
 
 def randomise_bn(model):
     """As ``tests/test_models.py``: non-trivial eval statistics (fresh BN is the identity)."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            if m.weight is not None:
-                m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
+    from test_models import randomise_bn as rb
+    return rb(model)
 
 
 def rel_l2(a, b):

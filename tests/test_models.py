@@ -32,7 +32,7 @@ FAMILIES = {
 }
 
 
-def _randomise_bn(model):
+def randomise_bn(model):
     """Non-trivial eval statistics, so the BN rule is exercised (fresh BN is the identity)."""
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
@@ -79,7 +79,7 @@ def build(name):
     if name not in _CACHE:
         torch.manual_seed(0)
         factory, size = FAMILIES[name]
-        _CACHE[name] = (_randomise_bn(factory()).eval(), size)
+        _CACHE[name] = (randomise_bn(factory()).eval(), size)
     return _CACHE[name]
 
 
@@ -163,7 +163,7 @@ class HandWritten(nn.Module):
 @pytest.mark.parametrize("backend", backends())
 def test_hand_written_model_with_conv_subclass(backend):
     torch.manual_seed(0)
-    model = _randomise_bn(HandWritten()).eval()
+    model = randomise_bn(HandWritten()).eval()
     x = torch.randn(2, 3, 17, 19)
     ref_out = model(x)
     want = ref.reference_saliency(model, x, [1, 4])
