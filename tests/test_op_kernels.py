@@ -24,6 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference as ref
+
 import os
 
 CUDA = torch.cuda.is_available()
@@ -134,57 +136,46 @@ def _assert_within(out, ref, bound, what):
 # ------------------------------------------------------------------------------------------
 # float64 references (transcriptions of shared/TSGB_SPEC.md, batched targets b -> b % N)
 
+def _cpu64(*ts):
+    return tuple(t.detach().double().cpu() for t in ts)
+
+
 def ref_conv2d_backward(grad, x, y, ks, stride, padding, dilation, groups, eps=EPS):
-    g, xd, yd = grad.double().cpu(), x.double().cpu(), y.double().cpu()
-    B, N = g.shape[0], xd.shape[0]
-    T = B // N
-    xr, yr = xd.repeat(T, 1, 1, 1), yd.repeat(T, 1, 1, 1)
-    C, H, W = xd.shape[1:]
-    K, Ho, Wo = yd.shape[1:]
-    G = groups
-    s = (g * yr).reshape(B, G, K // G, Ho, Wo).sum(2)
-    a = xr.abs().reshape(B, G, C // G, H, W).sum(2)
-    ones = torch.ones(G, 1, *ks, dtype=torch.float64)
-    d = F.conv2d(a, ones, stride=stride, padding=padding, dilation=dilation, groups=G)
-    assert d.shape == s.shape
-    r = s / (d + eps)
-    t = torch.nn.grad.conv2d_input(a.shape, ones, r, stride=stride, padding=padding,
-                                   dilation=dilation, groups=G)
-    return torch.sign(xr) * t.repeat_interleave(C // G, dim=1)
+    """The oracle of tests/reference.py (unfold-based, per output channel)."""
+    return ref.conv_rule(*_cpu64(grad, x, y), tuple(ks), tuple(stride), tuple(padding),
+                         tuple(dilation), groups, eps)
 
 
 def ref_batch_norm_backward(grad, x, scale, shift, eps):
-    g, xd = grad.double().cpu(), x.double().cpu()
-    T = g.shape[0] // xd.shape[0]
-    xr = xd.repeat(T, 1, 1, 1)
-    sc = scale.double().cpu().view(1, -1, 1, 1)
-    sh = shift.double().cpu().view(1, -1, 1, 1)
-    ref = g * (xr * sc + sh) / (xr + eps)
+    """tests/reference.py's BN rule on y = x * scale + shift, and the error scale ``mag``."""
+    g, xd, sc, sh = _cpu64(grad, x, scale, shift)
+    sc, sh = sc.view(1, -1, 1, 1), sh.view(1, -1, 1, 1)
+    want = ref.bn_rule(g, xd, xd * sc + sh, eps)
+    xr = ref._tile(xd, g.shape[0])
     mag = g.abs() * ((xr * sc).abs() + sh.abs()) / (xr + eps).abs()
-    return ref, mag
+    return want, mag
 
 
 def ref_avg_pool2d_backward(grad, x, y, ks, stride, padding, ceil_mode, cip, divisor, eps=EPS):
-    g, xd, yd = grad.double().cpu(), x.double().cpu(), y.double().cpu()
-    T = g.shape[0] // xd.shape[0]
-    xr, yr = xd.repeat(T, 1, 1, 1), yd.repeat(T, 1, 1, 1)
+    """tests/reference.py's AvgPool rule, and the error scale ``mag``."""
+    g, xd, yd = _cpu64(grad, x, y)
+    want = ref.avgpool_rule(g, xd, yd, ks, stride, padding, ceil_mode, cip, divisor, eps)
+    xr, yr = ref._tile(xd, g.shape[0]), ref._tile(yd, g.shape[0])
     bw = torch.ops.aten.avg_pool2d_backward
-    ref = bw(g * yr, xr, ks, stride, padding, ceil_mode, cip, divisor) / (xr + eps)
     mag = bw((g * yr).abs(), xr, ks, stride, padding, ceil_mode, cip, divisor) / (xr + eps).abs()
-    return ref, mag
+    return want, mag
 
 
 def ref_linear_backward(grad, x, wpos, wneg, eps=EPS):
-    g, xd = grad.double().cpu(), x.double().cpu()
-    wp, wn = wpos.double().cpu(), wneg.double().cpu()
-    T = g.shape[0] // xd.shape[0]
-    zp, zn = xd @ wp.t(), xd @ wn.t()
-    den = zn.abs()
-    beta = torch.where(den > eps, zp / torch.where(den > eps, den, torch.ones_like(den)),
-                       torch.zeros_like(den)).repeat(T, 1)
-    ref = g @ wp + (g * beta) @ wn
+    """tests/reference.py's classifier rule (W = W+ + W-), and the error scale ``mag``."""
+    g, xd, wp, wn = _cpu64(grad, x, wpos, wneg)
+    want = ref.fc_rule(g, xd, wp + wn, eps)
+    xr = ref._tile(xd, g.shape[0])
+    zp, zn = xr @ wp.t(), (xr @ wn.t()).abs()
+    beta = torch.where(zn > eps, zp / torch.where(zn > eps, zn, torch.ones_like(zn)),
+                       torch.zeros_like(zn))
     mag = g.abs() @ wp.abs() + (g * beta).abs() @ wn.abs()
-    return ref, mag
+    return want, mag
 
 
 # ------------------------------------------------------------------------------------------
