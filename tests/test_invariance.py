@@ -107,3 +107,19 @@ def test_two_rank_torchrun_equals_alone(alone_maps, photos, tmp_path, backend):
         step = np.spacing(np.abs(want).astype(np.float16)).astype(np.float64)
         err = np.abs(got.astype(np.float64) - want)
         assert (err <= TOL * np.abs(want).max() + step).all(), (name, float(err.max()))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_float64_maps_equal_the_reference(alone_maps, lite0, backend):
+    """The pretrained EfficientNet-Lite0 (BN eps 1e-3, "same"-padding conv subclasses) in
+    float64 equals the independent float64 transcription (tests/reference.py) to 1e-9."""
+    import copy
+
+    import reference as ref
+    x, _ = alone_maps
+    m64 = copy.deepcopy(lite0.model).double()
+    xx = x[:2].double()
+    want = ref.reference_saliency(m64, xx, None)
+    got = tsgb_ext.TSGB(m64, backend=backend).attribute(xx)
+    err = float((got - want).norm() / want.norm())
+    assert err <= 1e-9, err
