@@ -104,7 +104,7 @@ at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
                                                        stride, padding, ceil_mode,
                                                        divisor_override);
   const Window2d& win = sz.win;
-  const int64_t B = sz.B, C = sz.C, H = sz.H, W = sz.W, Ho = sz.Ho, Wo = sz.Wo;
+  const int64_t B = sz.B, N = sz.N, C = sz.C, H = sz.H, W = sz.W, Ho = sz.Ho, Wo = sz.Wo;
 
   c10::cuda::OptionalCUDAGuard device_guard(x_in.device());
   const at::MemoryFormat mf = pick_memory_format(x_in);
