@@ -92,6 +92,20 @@ def test_npy_top1_index_and_maps(imgs, tmp_path, capsys):
     assert "5 images explained" in printed.out and "images/s" in printed.out
 
 
+def test_map_dtype_float32_keeps_the_maps_as_computed(imgs, tmp_path, capsys):
+    out = tmp_path / "out32"
+    assert run([imgs, "--out", out, *TINY, "--workers", "0", "--map-dtype", "float32"]) == 0
+    rows = index(out)
+    maps = np.stack([load_map(out, r) for r in rows])
+    assert maps.dtype == np.float32
+    ref = expected_maps([r["image"] for r in rows], [[int(r["target"])] for r in rows])[:, 0]
+    np.testing.assert_allclose(maps, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    # a resume must ask for the same dtype
+    with pytest.raises(SystemExit) as e:
+        run([imgs, "--out", out, *TINY, "--workers", "0", "--resume"])
+    assert e.value.code == 2 and "map_dtype" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backend", ["hooks", pytest.param("native", marks=pytest.mark.skipif(
     not tsgb_ext.native_available(), reason="tsgb_ext._C not built"))])
 def test_amp_bf16_gives_finite_maps_close_to_float32(imgs, tmp_path, backend):

@@ -6,7 +6,7 @@ Layout of DIR (everything a run may delete or overwrite is named here):
   writer's pid and host. A second writer is refused while the lock is held.
 * ``run.json``: the run marker: ``tool``, ``run_id`` and the run's options. DIR belongs to the
   run named there; ``--resume`` continues it (same options only).
-* ``shards/<RUN>-r<RANK>-<SEQ>.npy``: float16 maps (M, H, W), one per row (npy format);
+* ``shards/<RUN>-r<RANK>-<SEQ>.npy``: float16 (or float32) maps (M, H, W), one per row (npy format);
   ``shards/<RUN>-r<RANK>-<SEQ>.csv``: that shard's index rows (written after the npy; both
   atomically: temporary file in the same folder, fsync, ``os.replace``). A shard holds whole
   images only (all the targets of each), so a shard is complete exactly when its row file

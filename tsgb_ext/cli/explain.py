@@ -2,7 +2,7 @@
 
 Outputs in DIR (the storage rules, lock and resume are in :mod:`tsgb_ext.cli._store`):
 
-* ``shards/<RUN>-r<RANK>-<SEQ>.npy``: float16 arrays (M, H, W), one map per row
+* ``shards/<RUN>-r<RANK>-<SEQ>.npy``: float16 (``--map-dtype``) arrays (M, H, W), one map per row
   (``--format npy``), and ``shards/<RUN>-r<RANK>-<SEQ>.csv``: the shard's index rows, each
   file written whole or not at all; a shard holds all the targets of each of its images;
 * ``png/<name>-<hash>.png``: one overlay figure per image (``--format png``);
@@ -93,7 +93,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "explain", help="TSGB maps of many images: npy shards + index.csv and/or PNG overlays",
         description="Explain image files and folders (searched recursively) with TSGB. Writes "
-                    "float16 maps in npy shards with DIR/index.csv (one row per image and "
+                    "float16 (or float32) maps in npy shards with DIR/index.csv (one row per image and "
                     "target; numpy.load(DIR/shard)[row] is the map) and/or PNG overlays. Runs "
                     "on one process, or under torchrun (one process per GPU, gloo on CPU).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
@@ -142,6 +142,10 @@ def register(sub) -> None:
                    help="npy (default) and/or png; repeat or give 'npy,png'")
     g.add_argument("--shard-size", type=_int_at_least(1), default=256, metavar="MAPS",
                    help="maps per npy shard (default 256)")
+    g.add_argument("--map-dtype", choices=MAP_DTYPES, default="float16",
+                   help="dtype of the npy maps: float16 (default: half the disk; values below "
+                        "6.1e-5 are float16 subnormals with fewer significant bits, and the "
+                        "maps of some models peak near 1e-4) or float32 (as computed)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run DIR holds (same options): skip its complete images")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -219,13 +223,16 @@ def _dist_info() -> Tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------- the writer ----
+MAP_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
 class _Writer:
     """Buffers the maps and rows of whole images; when the buffer holds ``shard_size`` maps,
     commits them as one shard (npy, then its row file; see :meth:`_store.Store.write_part`)."""
 
     def __init__(self, store: _store.Store, rank: int, shard_size: int, npy: bool,
-                 stop_after: Optional[int]):
-        self.store, self.rank = store, rank
+                 stop_after: Optional[int], map_dtype: str = "float16"):
+        self.store, self.rank, self.map_dtype = store, rank, MAP_DTYPES[map_dtype]
         self.shard_size, self.npy, self.stop_after = shard_size, npy, stop_after
         self.seq = store.next_seq(rank)
         self.maps: List[np.ndarray] = []
@@ -248,7 +255,7 @@ class _Writer:
         name = f"{self.store.run_id}-r{self.rank}-{self.seq:06d}"
         maps = None
         if self.npy:
-            maps = np.stack(self.maps).astype(np.float16)
+            maps = np.stack(self.maps).astype(self.map_dtype)
             for i, r in enumerate(self.rows):
                 r["shard"], r["row"] = f"{_store.SHARDS}/{name}.npy", i
         self.store.write_part(name, self.rows, maps)
@@ -415,7 +422,7 @@ class _Job:
                        "mean": list(self.mean), "std": list(self.std), "target": args.target,
                        "top_k": args.top_k,
                        "labels": os.path.abspath(args.labels) if args.labels else None,
-                       "formats": sorted(v["formats"])}
+                       "formats": sorted(v["formats"]), "map_dtype": args.map_dtype}
         if args.top_k:
             self.expected: Callable[[str], Optional[int]] = lambda p: args.top_k
         elif labels is not None:
@@ -514,7 +521,7 @@ def _explain_images(job: _Job, done: set) -> int:
     job.barrier()  # rank 0 has cleaned DIR before any rank writes to it
     mine = todo[job.rank::job.world]
     writer = _Writer(job.store, job.rank, job.args.shard_size, job.npy,
-                     job.args.stop_after_shards)
+                     job.args.stop_after_shards, job.args.map_dtype)
     tally = _Tally()
     t0 = time.perf_counter()
     if not _explain_loop(job, mine, writer, tally):
@@ -580,7 +587,7 @@ def _write_batch(job: _Job, ds, res, writer: _Writer, tally: _Tally) -> None:
     for path, err in meta["failed"]:
         tally.fail(path, err)
     tally.backend = res.backend
-    host = res.numpy() if res.maps.shape[0] else None
+    host = res.numpy(writer.map_dtype) if res.maps.shape[0] else None
     finite = (torch.isfinite(res.maps).flatten(2).all(2).cpu().numpy()
               if res.maps.shape[0] else None)
     for b, path in enumerate(meta["path"]):
