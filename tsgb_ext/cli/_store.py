@@ -399,22 +399,12 @@ class Store:
         atomic_write(os.path.join(self.sdir, name + ".csv"), write, self.tmp_prefix)
         fault("part")
 
-    def write_png(self, rel: str, fig_save: Callable[[str], None]) -> None:
-        """``fig_save(tmp_path)`` writes the PNG; it becomes ``DIR/rel`` atomically."""
+    def write_png(self, rel: str, fig_save: Callable[[io.BufferedWriter], None]) -> None:
+        """``fig_save(f)`` writes the PNG into the open file ``f``; it becomes ``DIR/rel``
+        atomically."""
         path = os.path.join(self.out, rel)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = temp_file(folder, self.tmp_prefix)
-        os.close(fd)
-        try:
-            fig_save(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, fig_save, self.tmp_prefix)
 
     def write_index(self, parts: List[Part]) -> int:
         """``index.csv`` = the rows of ``parts``, sorted by image then rank (atomic)."""

@@ -277,7 +277,7 @@ def _png(store: _store.Store, name: str, rgb: torch.Tensor, maps: torch.Tensor,
     _inside(store.out, rel)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        store.write_png(rel, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        store.write_png(rel, lambda f: fig.savefig(f, dpi=100, format="png"))
     return rel
 
 
