@@ -11,7 +11,8 @@ import os
 import platform
 import statistics
 import sys
-from typing import Callable, List, Tuple
+import time
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -181,3 +182,18 @@ def run_cleanup(cleanup, lines: List[str]) -> None:
         cleanup()
     except Exception as e:
         lines[-1] = lines[-1][:-1] + f" cleanup failed: {fmt_err(e)} |"
+
+
+def interleaved_medians(rows: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, float]:
+    """One warm-up call of each row, then ``rounds`` rounds of one call of each row in turn;
+    the median seconds per row. Interleaving keeps slow drifts of the machine (heap state,
+    other load) from favouring the rows timed first."""
+    for f in rows.values():
+        f()
+    times: Dict[str, List[float]] = {k: [] for k in rows}
+    for _ in range(rounds):
+        for k, f in rows.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

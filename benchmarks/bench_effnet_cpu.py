@@ -10,12 +10,11 @@ the same rows moved by up to 40% with their position on the 2-core CI machine: t
 allocations of a process are slower, and later rows inherit a warmer heap.)
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 import tsgb_ext
+from _rows import interleaved_medians
 from tsgb_ext import models
 
 
@@ -52,16 +51,8 @@ def main():
                                   ("native_unfused", "native", False)]}
     rows = {"forward": fwd, "gradient": grad}
     rows.update({k: (lambda ex=ex: ex.attribute(x, 1)) for k, ex in exs.items()})
-    for f in rows.values():
-        f()
-    times = {k: [] for k in rows}
-    for _ in range(args.rounds):
-        for k, f in rows.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    med = interleaved_medians(rows, args.rounds)
     chains = exs["native"]._fusion_cache.get("plan")
-    med = {k: statistics.median(v) for k, v in times.items()}
     f0 = med["forward"]
     print(f"fused conv -> BN (-> act) chains: {chains.chains if chains else 0}")
     print(f"EfficientNet-Lite0 batch {args.batch} 224 CPU {args.threads} threads, median of "

@@ -59,7 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _models  # noqa: E402
-from _rows import cpu_model_name, make_targets  # noqa: E402
+from _rows import cpu_model_name, interleaved_medians, make_targets  # noqa: E402
 
 EPS = 1e-10  # the spec's stabiliser (the ops' eps argument)
 
@@ -320,15 +320,7 @@ def cmd_phases(args) -> None:
             model(x)
     rows = {"no-grad forward": fwd}
     rows.update({k: (lambda ex=ex: ex.attribute(x, t)) for k, ex in exs.items()})
-    for f in rows.values():
-        f()
-    times = {k: [] for k in rows}
-    for _ in range(args.rounds):
-        for k, f in rows.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(rows, args.rounds)
     f0 = med["no-grad forward"]
     print(f"\n(a) per-call attribute (conversion and restore included), one call of each row per "
           f"round, {args.rounds} rounds, medians:\n")
