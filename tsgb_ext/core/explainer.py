@@ -45,11 +45,17 @@ class TSGB:
             graph is cached per module tree; models that cannot be traced, have hooks, or run
             with the hooks backend use the per-module conversion. Turn off for a model whose
             forward depends on Python state that changes between calls.
+        compile: inside a ``with`` block, run the converted model's forward under
+            ``torch.compile`` (``True``, or a dict of ``torch.compile`` keyword arguments). The
+            TSGB ops stay opaque custom ops (with fake kernels) in the compiled graph, so the
+            compiler fuses the model's own elementwise work around them. The first call of a
+            block (and of each new input shape) runs eagerly, the next compiles once; calls
+            outside a ``with`` block run eagerly (the model is converted anew for each).
     """
 
     def __init__(self, model: nn.Module, backend: str = "auto",
                  classifier: Union[None, str, nn.Linear] = None, allow_tf32: bool = False,
-                 fuse: bool = True):
+                 fuse: bool = True, compile: Union[bool, dict] = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         backends.check_choice(backend)
@@ -64,6 +70,11 @@ class TSGB:
             raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
         self.fuse = fuse
         self._fusion_cache: Optional[dict] = {} if fuse else None
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be a bool or a dict of torch.compile keyword "
+                            f"arguments, got {type(compile).__name__}")
+        self.compile = compile
+        self._compiled: Optional[Callable] = None  # the compiled forward of a with-block
         # calls through this explainer's with-block conversion, from any thread: one at a time
         self._call_lock = threading.Lock()
         self._warned: set = set()        # (module, what) pairs warned about, once each
@@ -107,6 +118,9 @@ class TSGB:
             fusion = self._fusion_cache if self.backend != "hooks" else None
             self._conversion = Conversion(self.model, backends.HOOKS, self.classifier,
                                           self._names, fusion, self._warned).__enter__()
+            if self.compile:
+                opts = self.compile if isinstance(self.compile, dict) else {}
+                self._compiled = torch.compile(self.model, **opts)
         except BaseException:
             lock.release(self)
             raise
@@ -115,6 +129,7 @@ class TSGB:
     def __exit__(self, *exc) -> None:
         with self._call_lock:  # calls in flight from other threads finish first
             conv, self._conversion = self._conversion, None
+            self._compiled = None
             try:
                 if conv is not None:
                     conv.restore()
@@ -205,11 +220,15 @@ class TSGB:
         seen = _degenerate_checked.setdefault(self.model, {})
         check = key not in seen
         conv.watch = [] if check else None
+        # compiled: inside a with-block, once the classifier patch is static and the
+        # first-call checks are done (they run Python between ops)
+        forward = (self._compiled if self._compiled is not None and conv is self._conversion
+                   and conv.classifier is not None and not check else self.model)
         with torch.enable_grad():
             xin.requires_grad_(True)
             conv.begin_forward()
             with amp:
-                logits = model_logits(self.model(xin, *forward_args))
+                logits = model_logits(forward(xin, *forward_args))
             if logits.shape[0] != x.shape[0]:
                 raise ValueError(f"the model returned {logits.shape[0]} rows of scores for "
                                  f"{x.shape[0]} samples")
