@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _models  # noqa: E402
-from _rows import (DEFAULT_ROWS, ROWS, compile_stats, cpu_model_name, fmt_err, run_cleanup,  # noqa: E402
+from _rows import (COMPILE_WARMUP, DEFAULT_ROWS, ROWS, compile_stats, cpu_model_name, fmt_err, run_cleanup,  # noqa: E402
                    make_row, make_targets, measure)
 
 MEMORY_ROWS = ["forward", "gradient", "authors", "hooks", "native"]
@@ -81,12 +81,12 @@ def run_timing(args) -> str:
                 note, cleanup = "", None
                 try:
                     fn, cleanup, note = make_row(row, model, x, t)
-                    warm = 1 if row.endswith("_compile") else 0
+                    warm = COMPILE_WARMUP if row.endswith("_compile") else 0
                     tc = time.perf_counter()
                     for _ in range(warm):
                         fn()
                     if warm:
-                        note = (f"first call (compile) {time.perf_counter() - tc:.1f} s, "
+                        note = (f"first {warm} calls (eager, then compile) {time.perf_counter() - tc:.1f} s, "
                                 f"{compile_stats()}; " + note)
                     med, n = measure(fn, threads, args.repeat, args.min_time, args.warmup)
                     if row == "forward":
