@@ -84,6 +84,7 @@ class Conversion:
         self.classifier = classifier
         self.names = names
         self.state = ClassifierState()
+        self.tree: tuple = ()  # set by _apply
         self._undo: List[Callable[[], None]] = []
         self._deferred: List[Callable[[], None]] = []
         # (module, what) pairs already warned about; shared by an explainer's conversions
@@ -347,6 +348,8 @@ class Conversion:
     def _apply(self) -> None:
         model = self.model
         modules = list(model.modules())
+        #: the module tree this conversion patched (identity and type of each module)
+        self.tree = tuple((id(m), type(m)) for m in modules)
         training = [(m, m.training) for m in modules]
 
         def undo_training():

@@ -215,8 +215,7 @@ class TSGB:
         amp = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
                else contextlib.nullcontext())
         # degenerate-layer check: once per model, module tree, input shape and dtype
-        key = (tuple((id(m), type(m)) for m in self.model.modules()), tuple(x.shape[1:]),
-               x.dtype, amp_dtype, x.device.type)
+        key = (conv.tree, tuple(x.shape[1:]), x.dtype, amp_dtype, x.device.type)
         seen = _degenerate_checked.setdefault(self.model, {})
         check = key not in seen
         conv.watch = [] if check else None
