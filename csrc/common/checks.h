@@ -7,10 +7,22 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <utility>
 
 #include "common/tsgb_common.h"
 
 namespace tsgb {
+
+// grad, x and y of a windowed rule: 4-D, floating, on one device in one dtype.
+inline void check_grad_x_y(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                           const at::Tensor& y) {
+  check_4d(op, "grad", grad);
+  check_4d(op, "x", x);
+  check_4d(op, "y", y);
+  check_floating(op, "x", x);
+  check_same_device_dtype(op, "grad", grad, x);
+  check_same_device_dtype(op, "y", y, x);
+}
 
 // Sizes every conv rule entry point needs after the checks.
 struct ConvShapes {
@@ -24,12 +36,7 @@ inline ConvShapes check_conv2d_backward_args(const char* op, const at::Tensor& g
                                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                              at::IntArrayRef padding, at::IntArrayRef dilation,
                                              int64_t groups, const BnArgs* bn) {
-  check_4d(op, "grad", grad);
-  check_4d(op, "x", x);
-  check_4d(op, "y", y);
-  check_floating(op, "x", x);
-  check_same_device_dtype(op, "grad", grad, x);
-  check_same_device_dtype(op, "y", y, x);
+  check_grad_x_y(op, grad, x, y);
   if (bn != nullptr) {
     check_bn_params(op, y, bn->running_mean, bn->running_var, bn->weight, bn->bias, bn->act);
   }
@@ -65,16 +72,14 @@ inline int64_t check_batch_norm_backward_args(const char* op, const at::Tensor& 
   check_floating(op, "x", x);
   check_same_device_dtype(op, "grad", grad, x);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == C, op, ": scale must have shape (", C,
-              ",) (x's channels; x has shape ", x.sizes(), "), got ", scale.sizes());
-  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == C, op, ": shift must have shape (", C,
-              ",) (x's channels; x has shape ", x.sizes(), "), got ", shift.sizes());
-  check_floating(op, "scale", scale);
-  check_floating(op, "shift", shift);
-  TORCH_CHECK(scale.device() == x.device(), op, ": scale must be on ", x.device(),
-              " like x, got ", scale.device());
-  TORCH_CHECK(shift.device() == x.device(), op, ": shift must be on ", x.device(),
-              " like x, got ", shift.device());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"scale", scale},
+                                 {"shift", shift}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape (", C,
+                ",) (x's channels; x has shape ", x.sizes(), "), got ", t.sizes());
+    check_floating(op, name, t);
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+                " like x, got ", t.device());
+  }
   TORCH_CHECK(grad.size(1) == C && grad.size(2) == H && grad.size(3) == W, op,
               ": grad must have shape (B, ", C, ", ", H, ", ", W, ") like x, got ", grad.sizes());
   check_target_batch(op, grad, N);
@@ -93,12 +98,7 @@ inline PoolShapes check_avg_pool2d_backward_args(const char* op, const at::Tenso
                                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                                  bool ceil_mode,
                                                  std::optional<int64_t> divisor_override) {
-  check_4d(op, "grad", grad);
-  check_4d(op, "x", x);
-  check_4d(op, "y", y);
-  check_floating(op, "x", x);
-  check_same_device_dtype(op, "grad", grad, x);
-  check_same_device_dtype(op, "y", y, x);
+  check_grad_x_y(op, grad, x, y);
   const at::IntArrayRef st = stride.empty() ? kernel_size : stride;
   const int64_t one[2] = {1, 1};
   const Window2d win = make_window(op, kernel_size, st, padding, at::IntArrayRef(one, 2));
@@ -136,12 +136,12 @@ inline int64_t check_linear_backward_args(const char* op, const at::Tensor& grad
               weight_neg.sizes());
   check_floating(op, "x", x);
   check_same_device_dtype(op, "grad", grad, x);
-  check_floating(op, "weight_pos", weight_pos);
-  check_floating(op, "weight_neg", weight_neg);
-  TORCH_CHECK(weight_pos.device() == x.device(), op, ": weight_pos must be on ", x.device(),
-              " like x, got ", weight_pos.device());
-  TORCH_CHECK(weight_neg.device() == x.device(), op, ": weight_neg must be on ", x.device(),
-              " like x, got ", weight_neg.device());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"weight_pos", weight_pos},
+                                 {"weight_neg", weight_neg}}) {
+    check_floating(op, name, t);
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+                " like x, got ", t.device());
+  }
   const int64_t N = x.size(0), in = x.size(1), out = weight_pos.size(0);
   TORCH_CHECK(weight_pos.size(1) == in, op, ": weight_pos must have shape (out, ", in,
               ") for x of shape ", x.sizes(), ", got ", weight_pos.sizes());

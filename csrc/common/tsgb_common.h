@@ -94,14 +94,18 @@ inline int64_t pool_out_size(int64_t in, int64_t k, int64_t s, int64_t p, bool c
 // Ceiling division for a >= 0, b > 0.
 inline int64_t ceil_div_nonneg(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The one cast of a result from the accumulation type to the stored type. Values beyond a
-// half type's range saturate to its largest finite value instead of becoming inf (the rules
-// divide by x + 1e-10, so a float32-finite result can exceed float16's 65504); NaN stays NaN.
-// Float and double cast plainly. (CUDA's cuda_detail::store_cast is the device twin.)
+// The largest finite float16 and bfloat16 values.
+constexpr float kHalfMax = 65504.0f;
+constexpr float kBFloat16Max = 3.38953139e38f;
+
+// The one cast of a result from the accumulation type to the stored type, CPU and CUDA.
+// Values beyond a half type's range saturate to its largest finite value instead of becoming
+// inf (the rules divide by x + 1e-10, so a float32-finite result can exceed float16's 65504,
+// and inf * 0 in the next layer is NaN); NaN stays NaN. Float and double cast plainly.
 template <typename T, typename A>
 C10_HOST_DEVICE inline T saturate_cast(A v) {
   if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
-    constexpr float kMax = std::is_same_v<T, c10::Half> ? 65504.0f : 3.38953139e38f;
+    constexpr float kMax = std::is_same_v<T, c10::Half> ? kHalfMax : kBFloat16Max;
     const float f = static_cast<float>(v);
     return static_cast<T>(f > kMax ? kMax : (f < -kMax ? -kMax : f));
   } else {
@@ -111,7 +115,7 @@ C10_HOST_DEVICE inline T saturate_cast(A v) {
 
 // The largest finite value of a half type (for ATen-op paths that clamp before casting).
 inline double half_type_max(at::ScalarType t) {
-  return t == at::kHalf ? 65504.0 : (t == at::kBFloat16 ? 3.38953139e38 : 0.0);
+  return t == at::kHalf ? kHalfMax : (t == at::kBFloat16 ? kBFloat16Max : 0.0);
 }
 
 }  // namespace tsgb

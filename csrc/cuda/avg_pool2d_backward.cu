@@ -80,7 +80,7 @@ __global__ void avg_pool2d_backward_kernel(const scalar_t* __restrict__ g,
       }
     }
     const acc_t xf = static_cast<acc_t>(x[e % xnumel]);  // batch outermost: b -> b % N
-    out[e] = cuda_detail::store_cast<scalar_t>(acc / (xf + eps));
+    out[e] = saturate_cast<scalar_t>(acc / (xf + eps));
   }
 }
 

@@ -43,7 +43,7 @@ __global__ void bn_backward_kernel(const scalar_t* __restrict__ g, const scalar_
       const acc_t xf = static_cast<acc_t>(xa.v[k]);
       const acc_t yf = xf * scale[c] + shift[c];
       const acc_t num = static_cast<acc_t>(ga.v[k]) * yf;
-      res.v[k] = cuda_detail::store_cast<scalar_t>(num / (xf + eps));
+      res.v[k] = saturate_cast<scalar_t>(num / (xf + eps));
     }
     ov[v] = res;
   }

@@ -245,7 +245,7 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ scalar_t signed_share(scalar_t xv, acc_t t) {
   const acc_t sg = cuda_detail::sign_of(static_cast<acc_t>(xv));
   // sign 0 gives exactly 0 (never 0 * inf)
-  return cuda_detail::store_cast<scalar_t>(sg == acc_t(0) ? acc_t(0) : sg * t);
+  return saturate_cast<scalar_t>(sg == acc_t(0) ? acc_t(0) : sg * t);
 }
 
 // NCHW: block (TX, TY); row ty == 0 gathers t for TX positions into shared memory, then all

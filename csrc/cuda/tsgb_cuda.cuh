@@ -41,24 +41,6 @@ inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
 }
 
-// Cast the fp32/fp64 result to the storage type. For fp16 / bf16 finite values beyond the
-// type's range saturate to its largest finite value instead of becoming inf (the TSGB rules
-// divide by x + eps, so an fp32-finite result can exceed fp16's 65504); NaN stays NaN.
-template <typename T, typename A>
-__device__ __forceinline__ T store_cast(A v) {
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    constexpr float kMax = 65504.0f;
-    const float f = static_cast<float>(v);
-    return static_cast<T>(f > kMax ? kMax : (f < -kMax ? -kMax : f));
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    constexpr float kMax = 3.38953139e38f;  // largest finite bfloat16
-    const float f = static_cast<float>(v);
-    return static_cast<T>(f > kMax ? kMax : (f < -kMax ? -kMax : f));
-  } else {
-    return static_cast<T>(v);
-  }
-}
-
 template <typename A>
 __device__ __forceinline__ A sign_of(A v) {
   return static_cast<A>((v > A(0)) - (v < A(0)));
