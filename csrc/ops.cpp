@@ -105,6 +105,12 @@ bool built_with_cuda() {
 TORCH_LIBRARY(tsgb_ext, m) {
   // Whether CUDA kernels were compiled into this build.
   m.def("built_with_cuda() -> bool", &tsgb::built_with_cuda);
+  // Reuse of activation memory across CPU calls (csrc/cpu/activation_cache.cpp).
+  m.def("activation_cache_hold() -> ()", &tsgb::activation_cache_hold);
+  m.def("activation_cache_release() -> ()", &tsgb::activation_cache_release);
+  m.def("activation_scope_enter() -> ()", &tsgb::activation_scope_enter);
+  m.def("activation_scope_exit() -> ()", &tsgb::activation_scope_exit);
+  m.def("activation_cache_stats() -> int[]", &tsgb::activation_cache_stats);
   // ---- forward ops (outputs bit-identical to torch's) ----
   m.def("conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups) -> Tensor");

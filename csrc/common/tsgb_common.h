@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 namespace tsgb {
 
@@ -73,6 +74,16 @@ inline at::MemoryFormat pick_memory_format(const at::Tensor& x) {
              ? at::MemoryFormat::ChannelsLast
              : at::MemoryFormat::Contiguous;
 }
+
+// Reuse of activation memory across CPU calls (csrc/cpu/activation_cache.cpp): hold/release
+// keep freed blocks for reuse while any holder exists; inside enter/exit, this thread's CPU
+// allocations of 64 KiB and more come from the cache. stats: {installed, holders,
+// cached bytes, bytes in use, hits, misses}.
+void activation_cache_hold();
+void activation_cache_release();
+void activation_scope_enter();
+void activation_scope_exit();
+std::vector<int64_t> activation_cache_stats();
 
 }  // namespace tsgb
 

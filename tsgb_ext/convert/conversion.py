@@ -212,7 +212,9 @@ class Conversion:
         if (w is None or not isinstance(out, torch.Tensor) or out.dim() != 4
                 or not out.requires_grad or torch.compiler.is_compiling()):
             return
-        y, version, groups = out, out._version, int(groups)
+        # detached: a hook holding the tensor it is registered on would keep its whole graph
+        # alive (tensor -> grad_fn -> hook -> tensor, a cycle the garbage collector cannot see)
+        y, version, groups = out.detach(), out._version, int(groups)
         single = out.shape[2] * out.shape[3] == 1
 
         def hook(g):

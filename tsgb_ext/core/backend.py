@@ -45,6 +45,15 @@ class Backend(Protocol):
 
     def linear_rule(self, grad, x, weight): ...
 
+    # optional (``reuses_memory = True``): reuse of activation memory between CPU calls,
+    # ``memory_hold()`` / ``memory_release()`` around a with-block (or one call) and
+    # ``memory_scope()`` (a context manager) around each call's forward and backward
+
+
+def reuses_memory(backend) -> bool:
+    """Whether ``backend`` declares the CPU activation-memory cache."""
+    return bool(getattr(backend, "reuses_memory", False))
+
 
 class HooksBackend(tsgb_hooks.HooksBackend):
     """tsgb_hooks' backend with its capabilities declared: none of the optional ops."""

@@ -51,11 +51,19 @@ class TSGB:
             compiler fuses the model's own elementwise work around them. The first call of a
             block (and of each new input shape) runs eagerly, the next compiles once; calls
             outside a ``with`` block run eagerly (the model is converted anew for each).
+        reuse_memory: CPU, native backend: a call's activation memory (the forward's saved
+            activations and the backward's buffers, blocks of 64 KiB and more) is kept after
+            the call and reused by the next call of the same ``with`` block, instead of being
+            returned to the system and faulted in afresh (measured: ResNet50, batch 4, 2
+            threads: 34,000 page faults and ~48 ms per call). Only allocations made on the
+            calling thread inside a call are affected; the kept memory, at most one call's
+            working set, is freed when the block exits (after an un-converted call: at once).
     """
 
     def __init__(self, model: nn.Module, backend: str = "auto",
                  classifier: Union[None, str, nn.Linear] = None, allow_tf32: bool = False,
-                 fuse: bool = True, compile: Union[bool, dict] = False):
+                 fuse: bool = True, compile: Union[bool, dict] = False,
+                 reuse_memory: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         backends.check_choice(backend)
@@ -74,6 +82,10 @@ class TSGB:
             raise TypeError(f"compile must be a bool or a dict of torch.compile keyword "
                             f"arguments, got {type(compile).__name__}")
         self.compile = compile
+        if not isinstance(reuse_memory, bool):
+            raise TypeError(f"reuse_memory must be a bool, got {type(reuse_memory).__name__}")
+        self.reuse_memory = reuse_memory
+        self._memory_held = None  # the backend holding kept activation memory for a with-block
         self._compiled: Optional[Callable] = None  # the compiled forward of a with-block
         # calls through this explainer's with-block conversion, from any thread: one at a time
         self._call_lock = threading.Lock()
@@ -130,11 +142,16 @@ class TSGB:
         with self._call_lock:  # calls in flight from other threads finish first
             conv, self._conversion = self._conversion, None
             self._compiled = None
+            held, self._memory_held = self._memory_held, None
             try:
                 if conv is not None:
                     conv.restore()
             finally:
-                model_lock(self.model).release(self)
+                try:
+                    if held is not None:
+                        held.memory_release()
+                finally:
+                    model_lock(self.model).release(self)
 
     # -- the saliency map ------------------------------------------------------------------
     def attribute(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
@@ -223,7 +240,7 @@ class TSGB:
         # first-call checks are done (they run Python between ops)
         forward = (self._compiled if self._compiled is not None and conv is self._conversion
                    and conv.classifier is not None and not check else self.model)
-        with torch.enable_grad():
+        with self._memory(backend, x, conv), torch.enable_grad():
             xin.requires_grad_(True)
             conv.begin_forward()
             with amp:
@@ -258,6 +275,24 @@ class TSGB:
         sal = maps[0] if T == 1 else torch.cat(maps, 1)
         return sal.to(x.dtype), tgt, logits.detach()
 
+    @contextlib.contextmanager
+    def _memory(self, backend, x: torch.Tensor, conv: Conversion):
+        """Around one call: its CPU allocations reuse the memory a with-block keeps."""
+        if not (self.reuse_memory and x.device.type == "cpu" and backends.reuses_memory(backend)):
+            yield
+            return
+        per_call = conv is not self._conversion
+        if per_call:
+            backend.memory_hold()
+        elif self._memory_held is None:
+            backend.memory_hold()  # released when the with-block exits
+            self._memory_held = backend
+        try:
+            with backend.memory_scope():
+                yield
+        finally:
+            if per_call:
+                backend.memory_release()
 
     def _report_degenerate(self, conv: Conversion, seen: dict, key) -> None:
         found = conv.degenerate()

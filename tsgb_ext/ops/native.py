@@ -2,6 +2,8 @@
 loaded)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .autograd import linear_rule
@@ -65,6 +67,37 @@ class NativeBackend:
         return ops.linear(x, weight, bias)
 
     linear_rule = staticmethod(linear_rule)
+
+    # -- reuse of activation memory between CPU calls (csrc/cpu/activation_cache.cpp) ------
+    #: declared capability (see tsgb_ext.core.backend.Backend)
+    reuses_memory = True
+
+    @staticmethod
+    def memory_hold() -> None:
+        """Keep freed activation blocks for reuse until the matching ``memory_release``."""
+        ops.activation_cache_hold()
+
+    @staticmethod
+    def memory_release() -> None:
+        """Drop one hold; the last one frees every kept block."""
+        ops.activation_cache_release()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def memory_scope():
+        """This thread's CPU allocations of 64 KiB and more come from the kept blocks."""
+        ops.activation_scope_enter()
+        try:
+            yield
+        finally:
+            ops.activation_scope_exit()
+
+    @staticmethod
+    def memory_stats() -> dict:
+        """The cache's state: whether it is installed as torch's CPU allocator, holders, bytes
+        kept and in use, and reuse counts (hits: allocations served from kept blocks)."""
+        keys = ("installed", "holders", "cached_bytes", "in_use_bytes", "hits", "misses")
+        return dict(zip(keys, ops.activation_cache_stats()))
 
 
 BACKEND = NativeBackend()
