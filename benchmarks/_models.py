@@ -156,8 +156,12 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def build(name: str, num_classes: int = 1000, seed: int = 0) -> nn.Module:
-    """``vgg11`` | ``vgg16`` | ``resnet18`` | ``resnet50``: random weights, eval mode."""
+    """``vgg11`` | ``vgg16`` | ``resnet18`` | ``resnet50``: random weights, eval mode;
+    ``efficientnet-lite0``: the bundled ImageNet-pretrained model (tsgb_ext's demo model)."""
     torch.manual_seed(seed)
+    if name == "efficientnet-lite0":
+        from tsgb_ext.data.models import load_model
+        return load_model(name, device="cpu").model.eval()
     if name in VGG_CFGS:
         model = VGG(VGG_CFGS[name], num_classes)
     elif name == "resnet18":
@@ -165,5 +169,6 @@ def build(name: str, num_classes: int = 1000, seed: int = 0) -> nn.Module:
     elif name == "resnet50":
         model = ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
     else:
-        raise ValueError(f"unknown model {name!r}; choose from vgg11, vgg16, resnet18, resnet50")
+        raise ValueError(f"unknown model {name!r}; choose from vgg11, vgg16, resnet18, resnet50, "
+                         f"efficientnet-lite0")
     return randomize_bn(model, seed).eval()

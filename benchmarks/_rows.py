@@ -35,13 +35,15 @@ ROWS = {
                      "mode)",
     "native": "tsgb_ext backend='native' (compiled ops), model kept converted (with-block)",
     "native_unfused": "backend='native' with fuse=False (no conv -> BN -> ReLU fusion; A/B row)",
+    "native_noreuse": "backend='native' with reuse_memory=False (activation memory allocated "
+                      "afresh each call; A/B row)",
     "native_t5": "backend='native', 5 targets per image ((N, 5) target): one forward, 5 backwards",
     "native_compile": "TSGB(backend='native', compile=True) in a with-block (torch.compile, "
                       "default mode; the TSGB ops stay opaque custom ops in the compiled graph)",
     "native_percall": "backend='native', one un-converted call (conversion + restore included)",
 }
 DEFAULT_ROWS = ["forward", "gradient", "authors", "hooks", "hooks_compile", "native",
-                "native_t5", "native_percall"]
+                "native_noreuse", "native_compile", "native_t5", "native_percall"]
 
 
 def make_targets(n: int, classes: int, t: int = 1, seed: int = 0, device="cpu"):
@@ -92,13 +94,14 @@ def make_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
         ex.__enter__()
         return wrap(lambda: ex.attribute(x, target)), lambda: ex.__exit__(None, None, None), note
 
-    if name in ("hooks", "native", "native_t5", "native_unfused"):
+    if name in ("hooks", "native", "native_t5", "native_unfused", "native_noreuse"):
         backend = "hooks" if name == "hooks" else "native"
         tgt = target
         if name == "native_t5":
             classes = _num_classes(model)
             tgt = torch.stack([(target + 37 * j) % classes for j in range(5)], 1)
-        ex = tsgb_ext.TSGB(model, backend=backend, fuse=name != "native_unfused")
+        ex = tsgb_ext.TSGB(model, backend=backend, fuse=name != "native_unfused",
+                           reuse_memory=name != "native_noreuse")
         ex.__enter__()
         return wrap(lambda: ex.attribute(x, tgt)), lambda: ex.__exit__(None, None, None), note
 
@@ -110,15 +113,13 @@ def make_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
         # TSGB(..., compile=True) in a with-block: the first call runs eagerly (and fixes the
         # classifier patch), the second compiles the converted forward; the harness makes
         # both warm-up calls (COMPILE_WARMUP) and reports their time
+        # (no torch._dynamo.reset() here: the rows of bench_cpu are alive at the same time,
+        # and a reset would throw away the other compile row's code)
         ex = tsgb_ext.TSGB(model, backend="hooks" if name == "hooks_compile" else "native",
                            compile=True)
-        torch._dynamo.reset()
         ex.__enter__()
-
-        def cleanup():
-            ex.__exit__(None, None, None)
-            torch._dynamo.reset()
-        return wrap(lambda: ex.attribute(x, target)), cleanup, "compile time excluded"
+        return (wrap(lambda: ex.attribute(x, target)), lambda: ex.__exit__(None, None, None),
+                "compile time excluded")
 
     raise ValueError(f"unknown row {name!r}; rows: {list(ROWS)}")
 
@@ -157,15 +158,20 @@ COMPILE_WARMUP = 2
 """Warm-up calls of a *_compile row before timing: an eager first call, then the compile."""
 
 
-def compile_stats() -> str:
-    """Dynamo's counters since the last reset: graphs compiled and graph breaks."""
+def compile_stats(since=(0, 0)) -> str:
+    """Dynamo's counts of graphs compiled and graph breaks (since ``compile_counts()`` was
+    ``since``)."""
+    g, b = compile_counts()
+    return f"{g - since[0]} graph(s), {b - since[1]} graph break(s)"
+
+
+def compile_counts():
+    """(graphs compiled, graph breaks) in this process so far (dynamo's counters)."""
     try:
         from torch._dynamo.utils import counters
-        graphs = counters["stats"].get("unique_graphs", 0)
-        breaks = sum(counters["graph_break"].values())
-        return f"{graphs} graph(s), {breaks} graph break(s)"
+        return counters["stats"].get("unique_graphs", 0), sum(counters["graph_break"].values())
     except Exception:  # pragma: no cover
-        return "graph stats n/a"
+        return 0, 0
 
 
 def fmt_err(e: BaseException) -> str:

@@ -2,8 +2,8 @@
 authors' formulation, a plain input gradient and the forward pass.
 
 Script:
-    python benchmarks/bench_cpu.py --models vgg16,resnet50 --batch 1,4,8 --size 224 \
-        --repeat 5 --out cpu_results.md
+    python benchmarks/bench_cpu.py --models vgg16,resnet50,efficientnet-lite0 --batch 4 \
+        --rounds 7 --out cpu_results.md       # rows interleaved, medians
     python benchmarks/bench_cpu.py --quick                  # tiny sizes, harness check
     python benchmarks/bench_cpu.py --memory --batch 1,8     # peak RSS per row, subprocesses
 
@@ -13,12 +13,14 @@ pytest-benchmark (sizes from env TSGB_BENCH_SIZE / TSGB_BENCH_BATCH / TSGB_BENCH
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -27,8 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _models  # noqa: E402
-from _rows import (COMPILE_WARMUP, DEFAULT_ROWS, ROWS, compile_stats, cpu_model_name, fmt_err, run_cleanup,  # noqa: E402
-                   make_row, make_targets, measure)
+from _rows import (COMPILE_WARMUP, DEFAULT_ROWS, ROWS, compile_counts, compile_stats,  # noqa: E402
+                   cpu_model_name,
+                   fmt_err, interleaved_medians, make_row, make_targets, run_cleanup)
 
 MEMORY_ROWS = ["forward", "gradient", "authors", "hooks", "native"]
 
@@ -53,16 +56,23 @@ def _inputs(name, batch, size, seed=0):
 
 
 def run_timing(args) -> str:
+    """Rows interleaved: every row gets its own copy of the model (explainers of different
+    rows are active at once), warm-up calls of every row first (a compile row's two: eager,
+    then the compile, timed and stated), then ``--rounds`` rounds of one timed call of each row
+    in turn; each row's median. Timed one after another, the same rows moved by 10-40% with
+    their position (heap state, first touch of fresh memory) on the 2-core machine."""
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    if not args.warm_compile_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # compile times as a first compile on a new machine has them (an inductor cache
+        # left by earlier runs makes them several times shorter)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tsgb_bench_inductor_")
     rows = [r for r in args.rows.split(",") if r]
     if args.no_compile:
         rows = [r for r in rows if not r.endswith("_compile")]
-    how = (f"{args.repeat} timed single calls" if args.repeat > 0
-           else f"blocked_autorange(min_run_time={args.min_time})")
-    head = header(threads, f"- timing: torch.utils.benchmark.Timer, median of {how}, after "
-                           f"{args.warmup} warm-up call(s); x forward = median / forward median "
-                           f"of the same model and batch\n")
+    head = header(threads, f"- timing: rows interleaved, median of {args.rounds} rounds of one "
+                           f"call per row (after warm-up calls of every row); x forward = "
+                           f"median / the forward row's median of the same round set\n")
     lines = ["| model | batch | row | median ms | ms / image | images/s | x forward | n | note |",
              "|---|---|---|---|---|---|---|---|---|"]
 
@@ -76,33 +86,47 @@ def run_timing(args) -> str:
     for name in args.models.split(","):
         for batch in [int(b) for b in args.batch.split(",")]:
             model, x, t = _inputs(name, batch, args.size)
-            fwd = None
+            fns, notes, cleanups, failed = {}, {}, [], {}
             for row in rows:
-                note, cleanup = "", None
                 try:
-                    fn, cleanup, note = make_row(row, model, x, t)
-                    warm = COMPILE_WARMUP if row.endswith("_compile") else 0
-                    tc = time.perf_counter()
-                    for _ in range(warm):
-                        fn()
-                    if warm:
-                        note = (f"first {warm} calls (eager, then compile) {time.perf_counter() - tc:.1f} s, "
-                                f"{compile_stats()}; " + note)
-                    med, n = measure(fn, threads, args.repeat, args.min_time, args.warmup)
-                    if row == "forward":
-                        fwd = med
-                    ratio = f"{med / fwd:.2f}" if fwd else "-"
-                    lines.append(f"| {name} | {batch} | {row} | {med * 1e3:.1f} | "
-                                 f"{med * 1e3 / batch:.1f} | {batch / med:.2f} | {ratio} | {n} | "
-                                 f"{note} |")
+                    fn, cleanup, note = make_row(row, copy.deepcopy(model), x, t)
+                    cleanups.append(cleanup)
+                    if row.endswith("_compile"):
+                        tc, counts = time.perf_counter(), compile_counts()
+                        for _ in range(COMPILE_WARMUP):
+                            fn()
+                        note = (f"first {COMPILE_WARMUP} calls (eager, then compile) "
+                                f"{time.perf_counter() - tc:.1f} s, {compile_stats(counts)}; " + note)
+                    fns[row], notes[row] = fn, note
                 except Exception as e:  # one failing row must not lose the table
+                    failed[row] = fmt_err(e)
+            try:
+                med, n = interleaved(fns, args.rounds)
+            except Exception as e:
+                med, n = {}, 0
+                failed.update({r: fmt_err(e) for r in fns})
+            fwd = med.get("forward")
+            for row in rows:
+                if row in med:
+                    v = med[row]
+                    ratio = f"{v / fwd:.2f}" if fwd else "-"
+                    lines.append(f"| {name} | {batch} | {row} | {v * 1e3:.1f} | "
+                                 f"{v * 1e3 / batch:.1f} | {batch / v:.2f} | {ratio} | {n} | "
+                                 f"{notes[row]} |")
+                else:
                     lines.append(f"| {name} | {batch} | {row} | - | - | - | - | - | "
-                                 f"FAILED {fmt_err(e)} |")
-                finally:
-                    run_cleanup(cleanup, lines)
+                                 f"FAILED {failed.get(row, '?')} |")
                 print(lines[-1], flush=True)
-                flush()
+            for c in cleanups:
+                run_cleanup(c, lines)
+            del fns, cleanups
+            flush()
     return flush()
+
+
+def interleaved(fns, rounds: int):
+    """(median seconds per row, rounds) with every row timed once per round, in turn."""
+    return interleaved_medians(fns, rounds), rounds
 
 
 # --- peak memory -----------------------------------------------------------------------------
@@ -163,13 +187,14 @@ def parse(argv=None):
     p.add_argument("--models", default="vgg16,resnet50")
     p.add_argument("--batch", default="1,4,8")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeat", type=int, default=0,
-                   help="timed single calls per row (0: blocked_autorange with --min-time)")
-    p.add_argument("--min-time", type=float, default=2.0)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7,
+                   help="interleaved rounds: one timed call of every row per round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: current)")
     p.add_argument("--rows", default=None, help=f"comma list of {list(ROWS)}")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--warm-compile-cache", action="store_true",
+                   help="use torch inductor's on-disk cache (default: a fresh one per run, so "
+                        "the stated compile times are those of a first compile)")
     p.add_argument("--memory", action="store_true", help="peak RSS per row (subprocesses)")
     p.add_argument("--timeout", type=float, default=900, help="per subprocess, --memory")
     p.add_argument("--quick", action="store_true",
@@ -181,7 +206,7 @@ def parse(argv=None):
     if args.rows is None:
         args.rows = ",".join(DEFAULT_ROWS)
     if args.quick:
-        args.size, args.batch, args.repeat = 64, "1,2", 2
+        args.size, args.batch, args.rounds = 64, "1,2", 2
     return args
 
 

@@ -299,6 +299,8 @@ def main(argv=None) -> int:
     def run_one(name, model, x, t, dname, row, autocast):
         cleanup, note = None, ""
         try:
+            if row.endswith("_compile"):
+                torch._dynamo.reset()  # rows run one at a time here: each compiles afresh
             fn, cleanup, note = make_row(row, model, x, t, autocast)
             if row.endswith("_compile"):
                 tc = time.perf_counter()
