@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 
 #include "common/tsgb_common.h"
+#include "cpu/cpu_isa.h"
 
 namespace tsgb {
 namespace {
@@ -111,6 +112,9 @@ TORCH_LIBRARY(tsgb_ext, m) {
   m.def("activation_scope_enter() -> ()", &tsgb::activation_scope_enter);
   m.def("activation_scope_exit() -> ()", &tsgb::activation_scope_exit);
   m.def("activation_cache_stats() -> int[]", &tsgb::activation_cache_stats);
+  // The instruction set of the CPU kernels compiled more than once (csrc/cpu/cpu_isa.h): the
+  // active one; with `set` ("default", "avx2", "auto") switch first and return the previous one.
+  m.def("cpu_isa(str? set=None) -> str", &tsgb::cpu_isa_op);
   // ---- forward ops (outputs bit-identical to torch's) ----
   m.def("conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups) -> Tensor");

@@ -259,6 +259,55 @@ def test_conv2d_backward_dtypes(idx, dtype, layout):
     _check_conv(CONV_CFGS[idx], dtype, layout, seed=idx + 1)
 
 
+def _cpu_isas():
+    """The instruction sets this CPU and build run the CPU conv kernels with (csrc/cpu/cpu_isa.h)."""
+    if _IMPORT_ERROR is not None or not tsgb_ext.native_available():
+        return ["default"]
+    found, before = [], torch.ops.tsgb_ext.cpu_isa()
+    for isa in ("default", "avx2", "avx512"):
+        try:
+            torch.ops.tsgb_ext.cpu_isa(isa)
+            found.append(isa)
+        except RuntimeError:
+            pass
+    torch.ops.tsgb_ext.cpu_isa(before)
+    return found
+
+
+@pytest.mark.parametrize("isa", _cpu_isas())
+def test_conv_rules_every_cpu_isa(isa):
+    """The CPU conv kernels are compiled once per instruction set (baseline, AVX2, AVX-512) and
+    the widest the CPU has is used: every copy this machine can run is checked here, on every
+    configuration, both layouts, all dtypes and the fused BN + activation rule."""
+    if DEV != "cpu":
+        pytest.skip("CPU kernels")
+    before = torch.ops.tsgb_ext.cpu_isa(isa)
+    try:
+        assert torch.ops.tsgb_ext.cpu_isa() == isa
+        for i, cfg in enumerate(CONV_CFGS):
+            for layout in ("contiguous", "channels_last"):
+                _check_conv(cfg, torch.float32, layout, seed=i)
+                if i % 3 == 0:
+                    for dt in (torch.float16, torch.bfloat16, torch.float64):
+                        _check_conv(cfg, dt, layout, seed=i + 1)
+                if i % 4 == 0:
+                    test_conv2d_bn_backward(i, torch.float32, layout, i % 3)
+    finally:
+        torch.ops.tsgb_ext.cpu_isa(before)
+
+
+def test_cpu_isa_choice_errors():
+    if DEV != "cpu":
+        pytest.skip("CPU kernels")
+    with pytest.raises(RuntimeError, match="expected one of"):
+        torch.ops.tsgb_ext.cpu_isa("sse9")
+    before = torch.ops.tsgb_ext.cpu_isa("auto")  # the widest this CPU runs
+    try:
+        assert torch.ops.tsgb_ext.cpu_isa() == _cpu_isas()[-1]
+    finally:
+        torch.ops.tsgb_ext.cpu_isa(before)
+
+
 def test_conv2d_backward_mixed_layouts():
     # x channels_last, grad and y NCHW (and the reverse): the result follows x
     cfg = CONV_CFGS[0]

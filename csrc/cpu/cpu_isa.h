@@ -1,0 +1,26 @@
+// Which instruction set the CPU kernels compiled more than once run with (cpu_isa.cpp).
+#pragma once
+
+#include <optional>
+#include <string>
+
+// The AVX2 and AVX-512 copies are built with GCC's target pragma, on x86-64 only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TSGB_HAVE_X86_TUS 1
+#else
+#define TSGB_HAVE_X86_TUS 0
+#endif
+
+namespace tsgb {
+
+enum class CpuIsa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The active choice: the best this CPU runs, unless TSGB_CPU_ISA=default|avx2|avx512 (read once) or
+// cpu_isa_op changed it.
+CpuIsa cpu_isa();
+
+// Op tsgb_ext::cpu_isa(str? set=None) -> str: the active name ("default", "avx2", "avx512");
+// with `set` (one of those or "auto"), switches first and returns the previous name.
+std::string cpu_isa_op(const std::optional<std::string>& set);
+
+}  // namespace tsgb
