@@ -257,10 +257,53 @@ at::Tensor avg_pool2d_autograd(const at::Tensor& x, IntArrayRef kernel_size, Int
                           divisor_override);
 }
 
+// ---- max_pool2d (ordinary gradient) ---------------------------------------------------------
+using MaxPoolSig = at::Tensor(const at::Tensor&, IntArrayRef, IntArrayRef, IntArrayRef,
+                              IntArrayRef, bool);
+using MaxPoolBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, bool);
+
+struct MaxPoolFn : public torch::autograd::Function<MaxPoolFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, IntArrayRef kernel_size,
+                            IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                            bool ceil_mode) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      static const auto op = handle<MaxPoolSig>("tsgb_ext::max_pool2d");
+      y = op.call(x, kernel_size, stride, padding, dilation, ceil_mode);
+    }
+    ctx->save_for_backward({x, y});
+    ctx->saved_data["k"] = kernel_size.vec();
+    ctx->saved_data["s"] = stride.vec();
+    ctx->saved_data["p"] = padding.vec();
+    ctx->saved_data["d"] = dilation.vec();
+    ctx->saved_data["ceil"] = ceil_mode;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return variable_list(6);
+    static const auto bwd = handle<MaxPoolBwdSig>("tsgb_ext::max_pool2d_backward");
+    return with_undefined(
+        bwd.call(grads[0], saved[0], saved[1], ctx->saved_data["k"].toIntVector(),
+                 ctx->saved_data["s"].toIntVector(), ctx->saved_data["p"].toIntVector(),
+                 ctx->saved_data["d"].toIntVector(), ctx->saved_data["ceil"].toBool()),
+        6);
+  }
+};
+
+at::Tensor max_pool2d_autograd(const at::Tensor& x, IntArrayRef kernel_size, IntArrayRef stride,
+                               IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  return MaxPoolFn::apply(x, kernel_size, stride, padding, dilation, ceil_mode);
+}
+
 }  // namespace
 }  // namespace tsgb
 
 TORCH_LIBRARY_IMPL(tsgb_ext, Autograd, m) {
+  m.impl("max_pool2d", &tsgb::max_pool2d_autograd);
   m.impl("conv2d", &tsgb::conv2d_autograd);
   m.impl("conv2d_relu", &tsgb::conv2d_relu_autograd);
   m.impl("conv2d_bn_act", &tsgb::conv2d_bn_act_autograd);

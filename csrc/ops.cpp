@@ -77,6 +77,25 @@ at::Tensor avg_pool2d_forward(const at::Tensor& x, at::IntArrayRef kernel_size,
                         divisor_override);
 }
 
+// max_pool2d on devices without a kernel of ours (CUDA): torch's own, and for the backward
+// torch's with the indices found again by its forward. The CPU has kernels that keep no
+// indices (csrc/cpu/max_pool2d.cpp).
+at::Tensor max_pool2d_forward(const at::Tensor& x, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, bool ceil_mode) {
+  return at::max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode);
+}
+
+at::Tensor max_pool2d_backward_composite(const at::Tensor& grad, const at::Tensor& x,
+                                         const at::Tensor& /*y*/, at::IntArrayRef kernel_size,
+                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, bool ceil_mode) {
+  const auto [y, indices] = at::max_pool2d_with_indices(x, kernel_size, stride, padding,
+                                                        dilation, ceil_mode);
+  return at::max_pool2d_with_indices_backward(grad, x, kernel_size, stride, padding, dilation,
+                                              ceil_mode, indices);
+}
+
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias) {
   return at::linear(x, weight, bias);
@@ -128,6 +147,9 @@ TORCH_LIBRARY(tsgb_ext, m) {
   m.def("avg_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
         "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // max_pool2d as torch computes it, without indices; its backward is the ordinary gradient.
+  m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> Tensor");
 
   // ---- backward rules ----
   // TSGB-Conv, group-aware. y is the conv output (bias included).
@@ -155,6 +177,10 @@ TORCH_LIBRARY(tsgb_ext, m) {
   // gx = g W+ + (g * beta) W-.  x: (N, in), grad: (T*N, out), weight_pos/neg: (out, in).
   m.def("linear_backward(Tensor grad, Tensor x, Tensor weight_pos, Tensor weight_neg, "
         "float eps) -> Tensor");
+  // MaxPool2d (ordinary gradient, not a TSGB rule): gx gets grad at the tap torch's forward
+  // picked in each window (the first equal to y, the last NaN when y is NaN), found from x and y.
+  m.def("max_pool2d_backward(Tensor grad, Tensor x, Tensor y, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tsgb_ext, CompositeExplicitAutograd, m) {
@@ -164,4 +190,6 @@ TORCH_LIBRARY_IMPL(tsgb_ext, CompositeExplicitAutograd, m) {
   m.impl("batch_norm", &tsgb::batch_norm_forward);
   m.impl("avg_pool2d", &tsgb::avg_pool2d_forward);
   m.impl("linear", &tsgb::linear_forward);
+  m.impl("max_pool2d", &tsgb::max_pool2d_forward);
+  m.impl("max_pool2d_backward", &tsgb::max_pool2d_backward_composite);
 }

@@ -679,3 +679,90 @@ def test_all_ops_cuda_graph():
     torch.cuda.synchronize()
     for a, b in zip(static, run()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# max_pool2d (ordinary gradient; the native backend's MaxPool2d): equal to torch's, bit for bit
+
+def _max_pool_configs():
+    rng = random.Random(77)
+    cfgs = [
+        # (N, C, H, W, kernel, stride, padding, dilation, ceil_mode)
+        (2, 5, 14, 14, (3, 3), (2, 2), (1, 1), (1, 1), False),   # ResNet stem
+        (2, 6, 12, 12, (2, 2), (2, 2), (0, 0), (1, 1), False),   # VGG (tiled)
+        (1, 3, 13, 11, (2, 2), (2, 2), (0, 0), (1, 1), False),   # tiled, uncovered edge
+        (1, 3, 13, 11, (2, 2), (2, 2), (0, 0), (1, 1), True),    # tiled, partial windows
+        (2, 4, 9, 9, (3, 3), (2, 2), (0, 0), (1, 1), True),      # GoogLeNet ceil_mode
+        (1, 2, 10, 9, (3, 2), (1, 2), (1, 1), (2, 1), True),     # dilation, asymmetric
+        (1, 70, 7, 5, (3, 3), (1, 1), (1, 1), (1, 1), False),    # stride 1 (overlap)
+    ]
+    while len(cfgs) < 28:
+        k = (rng.randint(1, 4), rng.randint(1, 4))
+        s = (rng.randint(1, 4), rng.randint(1, 4))
+        p = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
+        d = (rng.randint(1, 2), rng.randint(1, 2))
+        H, W = rng.randint(3, 17), rng.randint(3, 17)
+        if H + 2 * p[0] < d[0] * (k[0] - 1) + 1 or W + 2 * p[1] < d[1] * (k[1] - 1) + 1:
+            continue
+        cfgs.append((rng.randint(1, 3), rng.randint(1, 70), H, W, k, s, p, d, rng.random() < 0.5))
+    return cfgs
+
+
+MAX_POOL_CFGS = _max_pool_configs()
+
+
+def _pool_input(cfg, dtype, layout, seed):
+    """Small integers (many ties, +-0 among them), one NaN and one -inf in some samples."""
+    N, C, H, W = cfg[:4]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (N, C, H, W), generator=gen).double()
+    x[torch.rand(x.shape, generator=gen) < 0.2] = -0.0
+    if seed % 3 == 0:
+        x.view(-1)[int(torch.randint(x.numel(), (1,), generator=gen))] = float("nan")
+        x.view(-1)[int(torch.randint(x.numel(), (1,), generator=gen))] = float("-inf")
+    return _layout(x.to(DEV, dtype), layout), gen
+
+
+def _bits_equal(a, b):
+    """Same values, NaN where the other has NaN, and the same sign on zeros."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    nan_a, nan_b = a.isnan(), b.isnan()
+    return (torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b])
+            and torch.equal(a[~nan_a].signbit(), b[~nan_b].signbit()))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("idx", range(len(MAX_POOL_CFGS)))
+def test_max_pool2d_equals_torch(idx, dtype, layout):
+    cfg = MAX_POOL_CFGS[idx]
+    k, s, p, d, ceil = cfg[4:]
+    x, gen = _pool_input(cfg, dtype, layout, idx)
+    args = (list(k), list(s), list(p), list(d), ceil)
+    want = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil)
+    y = ops().max_pool2d(x, *args)
+    assert _bits_equal(y, want), f"max_pool2d {cfg} {dtype} {layout}"
+    assert y.is_contiguous(memory_format=_expected_format(x)) or y.shape[2] * y.shape[3] == 1
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(DEV, dtype)
+    g[torch.rand(y.shape, generator=gen) < 0.1] = -0.0
+    xr = x.detach().clone().requires_grad_(True)
+    (gx_want,) = torch.autograd.grad(F.max_pool2d(xr, k, s, p, d, ceil_mode=ceil), xr, g)
+    gx = ops().max_pool2d_backward(g, x, y, *args)
+    assert _bits_equal(gx, gx_want), f"max_pool2d_backward {cfg} {dtype} {layout}"
+    # through the op's autograd
+    (gx_op,) = torch.autograd.grad(ops().max_pool2d(xr, *args), xr, g)
+    assert _bits_equal(gx_op, gx_want)
+
+
+def test_max_pool2d_errors():
+    x = torch.randn(2, 3, 8, 8, device=DEV)
+    with pytest.raises(RuntimeError, match="kernel_size must be positive"):
+        ops().max_pool2d(x, [0, 2], [2, 2], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match="padding must be at most half"):
+        ops().max_pool2d(x, [2, 2], [2, 2], [2, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match="4-D|4D|dimensions"):
+        ops().max_pool2d(x[0], [2, 2], [2, 2], [0, 0], [1, 1], False)
+    y = ops().max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match="grad must have y's shape"):
+        ops().max_pool2d_backward(y[:, :2], x, y, [2, 2], [2, 2], [0, 0], [1, 1], False)

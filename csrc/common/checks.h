@@ -153,4 +153,49 @@ inline int64_t check_linear_backward_args(const char* op, const at::Tensor& grad
   return check_target_batch(op, grad, N);
 }
 
+// max_pool2d (forward and the ordinary-gradient backward): torch's max_pool2d arguments and
+// its output size (dilation included; ceil_mode windows start inside the padded input).
+inline int64_t max_pool_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d,
+                                 bool ceil_mode) {
+  const int64_t span = in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
+  int64_t out = (span >= 0 ? span / s : -((-span + s - 1) / s)) + 1;
+  if (ceil_mode && (out - 1) * s >= in + p) --out;
+  return out;
+}
+
+inline PoolShapes check_max_pool2d_args(const char* op, const at::Tensor& x,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        bool ceil_mode) {
+  check_4d(op, "x", x);
+  check_floating(op, "x", x);
+  const Window2d win = make_window(op, kernel_size, stride, padding, dilation);
+  TORCH_CHECK(win.ph <= win.kh / 2 && win.pw <= win.kw / 2, op,
+              ": padding must be at most half of kernel_size, got padding ", padding,
+              " and kernel_size ", kernel_size);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = max_pool_out_size(H, win.kh, win.sh, win.ph, win.dh, ceil_mode);
+  const int64_t Wo = max_pool_out_size(W, win.kw, win.sw, win.pw, win.dw, ceil_mode);
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, op, ": the window (kernel_size ", kernel_size, ", stride ",
+              stride, ", padding ", padding, ", dilation ", dilation,
+              ") does not fit x's spatial size; x has shape ", x.sizes());
+  return {win, N, N, C, H, W, Ho, Wo};
+}
+
+inline PoolShapes check_max_pool2d_backward_args(const char* op, const at::Tensor& grad,
+                                                 const at::Tensor& x, const at::Tensor& y,
+                                                 at::IntArrayRef kernel_size,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, bool ceil_mode) {
+  check_grad_x_y(op, grad, x, y);
+  const PoolShapes s = check_max_pool2d_args(op, x, kernel_size, stride, padding, dilation,
+                                             ceil_mode);
+  TORCH_CHECK(y.size(0) == s.N && y.size(1) == s.C && y.size(2) == s.Ho && y.size(3) == s.Wo,
+              op, ": y must have shape (", s.N, ", ", s.C, ", ", s.Ho, ", ", s.Wo,
+              ") for x of shape ", x.sizes(), " and this window, got ", y.sizes());
+  TORCH_CHECK(grad.sizes() == y.sizes(), op, ": grad must have y's shape ", y.sizes(), ", got ",
+              grad.sizes());
+  return s;
+}
+
 }  // namespace tsgb

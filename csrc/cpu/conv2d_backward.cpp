@@ -6,7 +6,7 @@
 // unless TSGB_CPU_ISA (default, avx2, avx512) or the op tsgb_ext::cpu_isa asks for another. The
 // kernels are loops written for the compiler to vectorise; measured figures in the README
 // (Backends).
-#define TSGB_CONV_RULE_ENTRY conv_rule_cpu_default
+#define TSGB_ISA_SUFFIX _default
 #include "cpu/conv2d_backward_impl.h"
 
 #include <torch/library.h>

@@ -23,7 +23,7 @@
 // Included once per instruction set by conv2d_backward.cpp (baseline) and
 // conv2d_backward_avx2.cpp (AVX2 + FMA); every definition here has internal linkage (anonymous
 // namespace), so each translation unit keeps its own copy. The includer defines
-// TSGB_CONV_RULE_ENTRY, the name of the one external entry point (below).
+// TSGB_ISA_SUFFIX, which names the one external entry point (below).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,6 +35,12 @@
 
 #include "common/checks.h"
 #include "common/tsgb_common.h"
+
+#ifndef TSGB_ISA_NAME
+#define TSGB_ISA_CAT2(a, b) a##b
+#define TSGB_ISA_CAT(a, b) TSGB_ISA_CAT2(a, b)
+#define TSGB_ISA_NAME(base) TSGB_ISA_CAT(base, TSGB_ISA_SUFFIX)
+#endif
 
 namespace tsgb {
 namespace {
@@ -548,7 +554,7 @@ at::Tensor conv_rule_impl(const char* kOp, const at::Tensor& grad, const at::Ten
 }  // namespace
 
 // The entry point of this instruction set's copy (see csrc/cpu/conv2d_backward.cpp).
-at::Tensor TSGB_CONV_RULE_ENTRY(const char* op, const at::Tensor& grad, const at::Tensor& x,
+at::Tensor TSGB_ISA_NAME(conv_rule_cpu)(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                 const at::Tensor& y, at::IntArrayRef kernel_size,
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t groups, double eps,

@@ -315,6 +315,22 @@ class Conversion:
                                    m.count_include_pad, m.divisor_override)
         self._set_forward(m, forward)
 
+    def _patch_maxpool(self, m: nn.MaxPool2d) -> None:
+        """MaxPool2d keeps its ordinary gradient; a backend with a faster max pooling of the
+        same values and gradient (``supports_max_pool``) computes it."""
+        conv = self
+        if type(m).forward is not nn.MaxPool2d.forward or m.return_indices:
+            return
+
+        def forward(x):
+            b = conv.backend
+            if not getattr(b, "supports_max_pool", False):
+                return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                    ceil_mode=m.ceil_mode)
+            return b.max_pool2d(x, pair(m.kernel_size), pair(m.stride or m.kernel_size),
+                                pair(m.padding), pair(m.dilation), m.ceil_mode)
+        self._set_forward(m, forward)
+
     def _patch_classifier(self, m: nn.Linear) -> None:
         conv = self
         if own_forward(m):
@@ -388,6 +404,8 @@ class Conversion:
                 self._patch_bn(m)
             elif isinstance(m, nn.AvgPool2d):
                 self._patch_avgpool(m)
+            elif isinstance(m, nn.MaxPool2d):
+                self._patch_maxpool(m)
             elif isinstance(m, nn.Linear):
                 if self.classifier is not None:
                     if m is self.classifier:

@@ -33,6 +33,8 @@ class Backend(Protocol):
     supports_fusion: bool
     #: has ``conv2d_relu``: relu(conv(x)) with the conv rule
     supports_conv_relu: bool
+    #: optional (``supports_max_pool = True``): ``max_pool2d(x, kernel_size, stride, padding,
+    #: dilation, ceil_mode)``, torch's max pooling with its ordinary gradient, faster
 
     def conv2d(self, x, weight, bias, stride, padding, dilation, groups): ...
 

@@ -84,3 +84,14 @@ def _(grad, x, y, kernel_size, stride, padding, ceil_mode, count_include_pad, di
 @torch.library.register_fake(_lib + "linear_backward")
 def _(grad, x, weight_pos, weight_neg, eps):
     return x.new_empty((grad.shape[0], x.shape[1]))
+
+
+@torch.library.register_fake(_lib + "max_pool2d")
+def _(x, kernel_size, stride, padding, dilation, ceil_mode):
+    y = torch.ops.aten.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return torch.empty(y.shape, dtype=x.dtype, device=x.device, memory_format=_suggest_format(x))
+
+
+@torch.library.register_fake(_lib + "max_pool2d_backward")
+def _(grad, x, y, kernel_size, stride, padding, dilation, ceil_mode):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_suggest_format(x))

@@ -61,6 +61,19 @@ class NativeBackend:
         return ops.avg_pool2d(x, list(kernel_size), list(stride), list(padding), bool(ceil_mode),
                               bool(count_include_pad), divisor_override)
 
+    #: has ``max_pool2d``: MaxPool2d with its ordinary gradient, computed without indices
+    supports_max_pool = True
+
+    @staticmethod
+    def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
+        """``F.max_pool2d`` (same values, same gradient): on the CPU the compiled op (no
+        int64 indices, vectorised; csrc/cpu/max_pool2d.cpp), elsewhere torch's own."""
+        if x.device.type != "cpu" or x.dim() != 4 or not x.is_floating_point():
+            return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation,
+                                                  ceil_mode=ceil_mode)
+        return ops.max_pool2d(x, list(kernel_size), list(stride), list(padding), list(dilation),
+                              bool(ceil_mode))
+
     @staticmethod
     def linear(x, weight, bias):
         x, weight, bias = _autocast(x, weight, bias)
