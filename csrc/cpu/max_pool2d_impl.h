@@ -207,22 +207,71 @@ void mp_backward_tiled_nchw(const scalar_t* g, const scalar_t* x, const scalar_t
   });
 }
 
+// General windows (overlapping, padded, dilated): for a row of outputs (NCHW) or a pixel's
+// channels (NHWC), the taps are visited in scan order and each output records the number of
+// the first tap equal to its value (vector compares and blends on float flags; tap numbers are
+// small integers, exact in float); then the gradients are added at those taps in output order.
+// NaN outputs take the scalar search (the last NaN tap).
 template <typename scalar_t>
 void mp_backward_nchw(const scalar_t* g, const scalar_t* x, const scalar_t* y, scalar_t* gx,
                       int64_t planes, const PoolShapes& s) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = s.H * s.W, HoWo = s.Ho * s.Wo;
-  at::parallel_for(0, planes, mp_grain(HW + HoWo * s.win.kh * s.win.kw),
-                   [&](int64_t begin, int64_t end) {
+  const Window2d& w = s.win;
+  const int64_t H = s.H, W = s.W, Ho = s.Ho, Wo = s.Wo, HW = H * W, HoWo = Ho * Wo;
+  at::parallel_for(0, planes, mp_grain(HW + HoWo * w.kh * w.kw), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> ybuf(Wo), tbuf(Wo), obuf(Wo);
+    acc_t* yv = ybuf.data();
+    acc_t* tap = tbuf.data();   // number of the chosen tap, kh * kw_count + kw; -1: none
+    acc_t* open = obuf.data();  // 1 until the output's tap is found
     for (int64_t p = begin; p < end; ++p) {
       scalar_t* acc = gx + p * HW;
       std::fill(acc, acc + HW, scalar_t(0));
       const scalar_t* xp = x + p * HW;
-      for (int64_t oh = 0; oh < s.Ho; ++oh) {
-        for (int64_t ow = 0; ow < s.Wo; ++ow) {
-          const int64_t o = p * HoWo + oh * s.Wo + ow;
-          const int64_t i = mp_argmax<acc_t>(xp, 1, static_cast<acc_t>(y[o]), oh, ow, s);
-          if (i >= 0) acc[i] += g[o];  // in output order, like torch's backward
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        const scalar_t* yrow = y + p * HoWo + oh * Wo;
+        bool any_nan = false;
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          yv[ow] = static_cast<acc_t>(yrow[ow]);
+          tap[ow] = acc_t(-1);
+          open[ow] = acc_t(1);
+          any_nan |= yv[ow] != yv[ow];
+        }
+        for (int64_t kh = 0; kh < w.kh; ++kh) {
+          const int64_t ih = oh * w.sh - w.ph + kh * w.dh;
+          if (ih < 0 || ih >= H) continue;
+          const scalar_t* row = xp + ih * W;
+          for (int64_t kw = 0; kw < w.kw; ++kw) {
+            const int64_t off = kw * w.dw - w.pw;
+            const acc_t number = static_cast<acc_t>(kh * w.kw + kw);
+            int64_t lo, hi;
+            mp_cols(off, w.sw, W, Wo, lo, hi);
+            auto visit = [&](const scalar_t* r, int64_t step) {  // r[ow * step]: the tap
+              for (int64_t ow = lo; ow < hi; ++ow) {
+                const acc_t v = static_cast<acc_t>(r[ow * step]);
+                const bool take = (v == yv[ow]) & (open[ow] != acc_t(0));
+                tap[ow] = take ? number : tap[ow];
+                open[ow] = take ? acc_t(0) : open[ow];
+              }
+            };
+            if (w.sw == 1) {
+              visit(row + off, 1);  // constant steps: the compiler vectorises these loops
+            } else if (w.sw == 2) {
+              visit(row + off, 2);
+            } else {
+              visit(row + off, w.sw);
+            }
+          }
+        }
+        const scalar_t* grow = g + p * HoWo + oh * Wo;
+        for (int64_t ow = 0; ow < Wo; ++ow) {  // in output order, like torch's backward
+          int64_t i = -1;
+          if (any_nan && yv[ow] != yv[ow]) {
+            i = mp_argmax<acc_t>(xp, 1, yv[ow], oh, ow, s);
+          } else if (tap[ow] >= acc_t(0)) {
+            const int64_t t = static_cast<int64_t>(tap[ow]);
+            i = (oh * w.sh - w.ph + (t / w.kw) * w.dh) * W + ow * w.sw - w.pw + (t % w.kw) * w.dw;
+          }
+          if (i >= 0) acc[i] += grow[ow];  // i < 0: a window without taps
         }
       }
     }
@@ -233,10 +282,13 @@ template <typename scalar_t>
 void mp_backward_nhwc(const scalar_t* g, const scalar_t* x, const scalar_t* y, scalar_t* gx,
                       const PoolShapes& s) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = s.C, HW = s.H * s.W, HoWo = s.Ho * s.Wo;
+  const Window2d& w = s.win;
+  const int64_t C = s.C, H = s.H, W = s.W, HW = H * W, HoWo = s.Ho * s.Wo;
   constexpr int64_t kBlock = 64;  // channels per task: tasks never write the same element
   const int64_t blocks = (C + kBlock - 1) / kBlock;
   at::parallel_for(0, s.N * blocks, mp_grain(HW * kBlock), [&](int64_t begin, int64_t end) {
+    acc_t yv[kBlock], open[kBlock];
+    int64_t tap[kBlock];  // flat input pixel of the chosen tap; -1: none
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * kBlock;
       const int64_t cn = std::min(kBlock, C - c0);
@@ -246,8 +298,31 @@ void mp_backward_nhwc(const scalar_t* g, const scalar_t* x, const scalar_t* y, s
       for (int64_t oh = 0; oh < s.Ho; ++oh) {
         for (int64_t ow = 0; ow < s.Wo; ++ow) {
           const int64_t o = ((n * HoWo) + oh * s.Wo + ow) * C + c0;
+          bool any_nan = false;
           for (int64_t c = 0; c < cn; ++c) {
-            const int64_t i = mp_argmax<acc_t>(xn + c, C, static_cast<acc_t>(y[o + c]), oh, ow, s);
+            yv[c] = static_cast<acc_t>(y[o + c]);
+            open[c] = acc_t(1);
+            tap[c] = -1;
+            any_nan |= yv[c] != yv[c];
+          }
+          for (int64_t kh = 0; kh < w.kh; ++kh) {
+            const int64_t ih = oh * w.sh - w.ph + kh * w.dh;
+            if (ih < 0 || ih >= H) continue;
+            for (int64_t kw = 0; kw < w.kw; ++kw) {
+              const int64_t iw = ow * w.sw - w.pw + kw * w.dw;
+              if (iw < 0 || iw >= W) continue;
+              const int64_t i = ih * W + iw;
+              const scalar_t* v = xn + i * C;
+              for (int64_t c = 0; c < cn; ++c) {
+                const bool take = (static_cast<acc_t>(v[c]) == yv[c]) & (open[c] != acc_t(0));
+                tap[c] = take ? i : tap[c];
+                open[c] = take ? acc_t(0) : open[c];
+              }
+            }
+          }
+          for (int64_t c = 0; c < cn; ++c) {
+            int64_t i = tap[c];
+            if (any_nan && yv[c] != yv[c]) i = mp_argmax<acc_t>(xn + c, C, yv[c], oh, ow, s);
             if (i >= 0) acc[i * C + c] += g[o + c];
           }
         }
