@@ -566,13 +566,16 @@ def _explain_loop(job: _Job, mine, writer: _Writer, tally: _Tally) -> bool:
     bar = tqdm(total=len(mine), unit="img",
                desc="tsgb explain" + (f" [rank {job.rank}]" if job.world > 1 else ""),
                disable=args.no_progress or job.rank != 0, dynamic_ncols=True, file=sys.stderr)
+    from ..core.explainer import TSGB
     model = job.loaded.model.to(dev)
     try:
-        for res in pipeline.explain_batches(model, dl, target=target, top_k=top_k, device=dev,
-                                            backend=job.backend, amp=args.amp, mean=job.mean,
-                                            std=job.std):
-            _write_batch(job, ds, res, writer, tally)
-            bar.update(len(res.meta["path"]) + len(res.meta["failed"]))
+        # one conversion for the whole run (the command owns the model), so the native
+        # backend also reuses the CPU activation memory from batch to batch
+        with TSGB(model, backend=job.backend) as ex:
+            for res in pipeline.explain_batches(ex, dl, target=target, top_k=top_k, device=dev,
+                                                amp=args.amp, mean=job.mean, std=job.std):
+                _write_batch(job, ds, res, writer, tally)
+                bar.update(len(res.meta["path"]) + len(res.meta["failed"]))
         writer.flush()
     except (_Interrupted, KeyboardInterrupt):
         return False
