@@ -459,10 +459,18 @@ def test_ctrl_c_at_any_step_prints_the_hint_and_resumes(imgs, tmp_path, capsys, 
     assert debris(out) == []
 
 
+def _default_sigint():
+    # a disposition or mask inherited from how the tests were started (a shell without job
+    # control starts background jobs with SIGINT ignored) would keep the signal from the run:
+    # give the subprocess what a terminal's Ctrl-C meets
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_real_sigint_prints_no_traceback(imgs, tmp_path):
     out = tmp_path / "out"
     p = run_sub([imgs, "--out", out, *TINY, "--batch-size", "1", "--shard-size", "1"],
-                fault="part@2=sigint")
+                fault="part@2=sigint", preexec_fn=_default_sigint)
     assert p.returncode == 130, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "--resume" in p.stderr
     assert len(index(out)) == 2       # the two complete shards are in the index

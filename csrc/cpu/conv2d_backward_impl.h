@@ -35,12 +35,8 @@
 
 #include "common/checks.h"
 #include "common/tsgb_common.h"
+#include "cpu/cpu_isa.h"
 
-#ifndef TSGB_ISA_NAME
-#define TSGB_ISA_CAT2(a, b) a##b
-#define TSGB_ISA_CAT(a, b) TSGB_ISA_CAT2(a, b)
-#define TSGB_ISA_NAME(base) TSGB_ISA_CAT(base, TSGB_ISA_SUFFIX)
-#endif
 
 namespace tsgb {
 namespace {

@@ -11,6 +11,12 @@
 #define TSGB_HAVE_X86_TUS 0
 #endif
 
+// base##TSGB_ISA_SUFFIX: the name of an entry point of the kernel copy being compiled (the
+// includer of a *_impl.h defines TSGB_ISA_SUFFIX: _default, _avx2, _avx512).
+#define TSGB_ISA_CAT2(a, b) a##b
+#define TSGB_ISA_CAT(a, b) TSGB_ISA_CAT2(a, b)
+#define TSGB_ISA_NAME(base) TSGB_ISA_CAT(base, TSGB_ISA_SUFFIX)
+
 namespace tsgb {
 
 enum class CpuIsa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };

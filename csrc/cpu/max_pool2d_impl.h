@@ -24,12 +24,8 @@
 
 #include "common/checks.h"
 #include "common/tsgb_common.h"
+#include "cpu/cpu_isa.h"
 
-#ifndef TSGB_ISA_NAME
-#define TSGB_ISA_CAT2(a, b) a##b
-#define TSGB_ISA_CAT(a, b) TSGB_ISA_CAT2(a, b)
-#define TSGB_ISA_NAME(base) TSGB_ISA_CAT(base, TSGB_ISA_SUFFIX)
-#endif
 
 namespace tsgb {
 namespace {
@@ -51,6 +47,21 @@ inline void mp_cols(int64_t off, int64_t sw, int64_t W, int64_t Wo, int64_t& lo,
   lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
   hi = W - 1 - off >= 0 ? std::min(Wo, (W - 1 - off) / sw + 1) : 0;
   if (hi < lo) hi = lo;
+}
+
+// f(i) for each tap of the window at output (oh, ow) that lies inside the input, in torch's
+// scan order (rows, then columns); i = ih * W + iw.
+template <typename Fn>
+inline void mp_for_each_tap(int64_t oh, int64_t ow, const PoolShapes& s, Fn&& f) {
+  const Window2d& w = s.win;
+  for (int64_t kh = 0; kh < w.kh; ++kh) {
+    const int64_t ih = oh * w.sh - w.ph + kh * w.dh;
+    if (ih < 0 || ih >= s.H) continue;
+    for (int64_t kw = 0; kw < w.kw; ++kw) {
+      const int64_t iw = ow * w.sw - w.pw + kw * w.dw;
+      if (iw >= 0 && iw < s.W) f(ih * s.W + iw);
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -104,16 +115,10 @@ void mp_forward_nhwc(const scalar_t* x, scalar_t* y, const PoolShapes& s) {
     for (int64_t pix = begin; pix < end; ++pix) {
       const int64_t n = pix / (Ho * Wo), oh = (pix / Wo) % Ho, ow = pix % Wo;
       std::fill(m, m + C, -std::numeric_limits<acc_t>::infinity());
-      for (int64_t kh = 0; kh < w.kh; ++kh) {
-        const int64_t ih = oh * w.sh - w.ph + kh * w.dh;
-        if (ih < 0 || ih >= H) continue;
-        for (int64_t kw = 0; kw < w.kw; ++kw) {
-          const int64_t iw = ow * w.sw - w.pw + kw * w.dw;
-          if (iw < 0 || iw >= W) continue;
-          const scalar_t* v = x + ((n * H + ih) * W + iw) * C;
-          for (int64_t c = 0; c < C; ++c) m[c] = mp_take(static_cast<acc_t>(v[c]), m[c]);
-        }
-      }
+      mp_for_each_tap(oh, ow, s, [&](int64_t i) {
+        const scalar_t* v = x + (n * H * W + i) * C;
+        for (int64_t c = 0; c < C; ++c) m[c] = mp_take(static_cast<acc_t>(v[c]), m[c]);
+      });
       scalar_t* out = y + pix * C;
       for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(m[c]);
     }
@@ -126,24 +131,12 @@ void mp_forward_nhwc(const scalar_t* x, scalar_t* y, const PoolShapes& s) {
 template <typename acc_t, typename scalar_t>
 inline int64_t mp_argmax(const scalar_t* plane, int64_t cstride, acc_t yv, int64_t oh, int64_t ow,
                          const PoolShapes& s) {
-  const Window2d& w = s.win;
   const bool nan = yv != yv;
   int64_t found = -1;
-  for (int64_t kh = 0; kh < w.kh; ++kh) {
-    const int64_t ih = oh * w.sh - w.ph + kh * w.dh;
-    if (ih < 0 || ih >= s.H) continue;
-    for (int64_t kw = 0; kw < w.kw; ++kw) {
-      const int64_t iw = ow * w.sw - w.pw + kw * w.dw;
-      if (iw < 0 || iw >= s.W) continue;
-      const int64_t i = ih * s.W + iw;
-      const acc_t v = static_cast<acc_t>(plane[i * cstride]);
-      if (nan) {
-        if (v != v) found = i;  // the last NaN
-      } else if (v == yv) {
-        return i;  // the first tap equal to the maximum
-      }
-    }
-  }
+  mp_for_each_tap(oh, ow, s, [&](int64_t i) {
+    const acc_t v = static_cast<acc_t>(plane[i * cstride]);
+    if (nan ? v != v : (found < 0 && v == yv)) found = i;  // last NaN / first maximum
+  });
   return found;
 }
 
@@ -156,7 +149,7 @@ void mp_backward_tiled_nchw(const scalar_t* g, const scalar_t* x, const scalar_t
                             scalar_t* gx, int64_t planes, const PoolShapes& s) {
   using acc_t = at::opmath_type<scalar_t>;
   const Window2d& w = s.win;
-  const int64_t H = s.H, W = s.W, Ho = s.Ho, Wo = s.Wo, HW = H * W, HoWo = Ho * Wo;
+  const int64_t H = s.H, W = s.W, Ho = s.Ho, Wo = s.Wo, HW = H * W;
   const bool covered = Ho * w.kh == H && Wo * w.kw == W;
   at::parallel_for(0, planes * Ho, mp_grain(Wo * w.kh * w.kw), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> ybuf(Wo), gbuf(Wo), todo(Wo);
@@ -305,21 +298,14 @@ void mp_backward_nhwc(const scalar_t* g, const scalar_t* x, const scalar_t* y, s
             tap[c] = -1;
             any_nan |= yv[c] != yv[c];
           }
-          for (int64_t kh = 0; kh < w.kh; ++kh) {
-            const int64_t ih = oh * w.sh - w.ph + kh * w.dh;
-            if (ih < 0 || ih >= H) continue;
-            for (int64_t kw = 0; kw < w.kw; ++kw) {
-              const int64_t iw = ow * w.sw - w.pw + kw * w.dw;
-              if (iw < 0 || iw >= W) continue;
-              const int64_t i = ih * W + iw;
-              const scalar_t* v = xn + i * C;
-              for (int64_t c = 0; c < cn; ++c) {
-                const bool take = (static_cast<acc_t>(v[c]) == yv[c]) & (open[c] != acc_t(0));
-                tap[c] = take ? i : tap[c];
-                open[c] = take ? acc_t(0) : open[c];
-              }
+          mp_for_each_tap(oh, ow, s, [&](int64_t i) {
+            const scalar_t* v = xn + i * C;
+            for (int64_t c = 0; c < cn; ++c) {
+              const bool take = (static_cast<acc_t>(v[c]) == yv[c]) & (open[c] != acc_t(0));
+              tap[c] = take ? i : tap[c];
+              open[c] = take ? acc_t(0) : open[c];
             }
-          }
+          });
           for (int64_t c = 0; c < cn; ++c) {
             int64_t i = tap[c];
             if (any_nan && yv[c] != yv[c]) i = mp_argmax<acc_t>(xn + c, C, yv[c], oh, ow, s);
