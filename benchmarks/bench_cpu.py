@@ -30,8 +30,8 @@ sys.path.insert(0, HERE)
 
 import _models  # noqa: E402
 from _rows import (COMPILE_WARMUP, DEFAULT_ROWS, ROWS, compile_counts, compile_stats,  # noqa: E402
-                   cpu_model_name,
-                   fmt_err, interleaved_medians, make_row, make_targets, run_cleanup)
+                   cpu_model_name, fmt_err, interleaved_medians, make_row, make_targets,
+                   run_cleanup)
 
 MEMORY_ROWS = ["forward", "gradient", "authors", "hooks", "native"]
 
@@ -101,7 +101,7 @@ def run_timing(args) -> str:
                 except Exception as e:  # one failing row must not lose the table
                     failed[row] = fmt_err(e)
             try:
-                med, n = interleaved(fns, args.rounds)
+                med, n = interleaved_medians(fns, args.rounds), args.rounds
             except Exception as e:
                 med, n = {}, 0
                 failed.update({r: fmt_err(e) for r in fns})
@@ -122,11 +122,6 @@ def run_timing(args) -> str:
             del fns, cleanups
             flush()
     return flush()
-
-
-def interleaved(fns, rounds: int):
-    """(median seconds per row, rounds) with every row timed once per round, in turn."""
-    return interleaved_medians(fns, rounds), rounds
 
 
 # --- peak memory -----------------------------------------------------------------------------

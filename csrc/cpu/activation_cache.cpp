@@ -22,7 +22,6 @@
 #include <c10/core/CPUAllocator.h>
 #include "common/tsgb_common.h"
 
-#include <cstdlib>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -59,6 +58,7 @@ class ActivationCache final : public c10::Allocator {
         b = it->second.back();
         it->second.pop_back();
         cached_ -= n;
+        live_.emplace(b->inner.get(), b);
         ++hits_;
       } else {
         ++misses_;
@@ -75,14 +75,12 @@ class ActivationCache final : public c10::Allocator {
       if (in_use_ > peak_) peak_ = in_use_;
     }
     for (Block* e : evicted) delete e;  // frees outside the lock
-    if (b == nullptr) {
+    if (b == nullptr) {  // a miss: new memory from the wrapped allocator
       b = new Block{base_->allocate(n), n};
+      std::lock_guard<std::mutex> g(mu_);
+      live_.emplace(b->inner.get(), b);
     }
     void* p = b->inner.get();
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      live_.emplace(p, b);
-    }
     // data == context, and a raw deleter: oneDNN's raw_allocate/raw_deallocate need both
     return c10::DataPtr(p, p, &ActivationCache::free_ptr, c10::Device(c10::DeviceType::CPU));
   }
@@ -143,29 +141,27 @@ class ActivationCache final : public c10::Allocator {
 
   static void free_ptr(void* p) {
     ActivationCache& c = get();
-    Block* b = nullptr;
+    Block* drop = nullptr;
     {
       std::lock_guard<std::mutex> g(c.mu_);
       auto it = c.live_.find(p);
       if (it != c.live_.end()) {
-        b = it->second;
+        Block* b = it->second;
         c.live_.erase(it);
+        c.in_use_ -= b->size;
+        if (c.holders_ > 0 && c.cached_ + b->size <= c.limit()) {
+          c.free_[b->size].push_back(b);
+          c.cached_ += b->size;
+          return;
+        }
+        drop = b;
       }
     }
-    if (b == nullptr) {  // raw_allocate'd by the wrapped allocator outside a scope
+    if (drop != nullptr) {
+      delete drop;  // frees outside the lock
+    } else {  // raw_allocate'd by the wrapped allocator outside a scope
       c.base_->raw_deleter()(p);
-      return;
     }
-    {
-      std::lock_guard<std::mutex> g(c.mu_);
-      c.in_use_ -= b->size;
-      if (c.holders_ > 0 && c.cached_ + b->size <= c.limit()) {
-        c.free_[b->size].push_back(b);
-        c.cached_ += b->size;
-        return;
-      }
-    }
-    delete b;
   }
 
   c10::Allocator* base_ = nullptr;

@@ -1,19 +1,14 @@
 // TSGB-Conv backward, CPU: the ops' entry points and the choice of instruction set.
 //
 // The kernels (csrc/cpu/conv2d_backward_impl.h) are compiled three times: here for the baseline
-// of the build (x86-64: SSE2), in conv2d_backward_avx2.cpp for AVX2 + FMA and in
-// conv2d_backward_avx512.cpp for AVX-512; the widest copy the CPU runs is used (checked once),
-// unless TSGB_CPU_ISA (default, avx2, avx512) or the op tsgb_ext::cpu_isa asks for another. The
-// kernels are loops written for the compiler to vectorise; measured figures in the README
-// (Backends).
+// of the build (x86-64: SSE2), in isa_avx2.cpp for AVX2 + FMA and in isa_avx512.cpp for
+// AVX-512; the widest copy the CPU runs is used (cpu_isa.h: checked once, TSGB_CPU_ISA or the op
+// tsgb_ext::cpu_isa choose another). The kernels are loops written for the compiler to
+// vectorise; measured figures in the README (Backends).
 #define TSGB_ISA_SUFFIX _default
 #include "cpu/conv2d_backward_impl.h"
 
 #include <torch/library.h>
-
-#include <cstdlib>
-#include <cstring>
-#include <string>
 
 #include "cpu/cpu_isa.h"
 
@@ -32,32 +27,12 @@ TSGB_DECLARE_CONV_RULE(conv_rule_cpu_avx512)
 
 namespace {
 
-at::Tensor conv_rule_cpu(const char* op, const at::Tensor& grad, const at::Tensor& x,
-                         const at::Tensor& y, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         double eps, const BnArgs* bn) {
-#if TSGB_HAVE_X86_TUS
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512:
-      return conv_rule_cpu_avx512(op, grad, x, y, kernel_size, stride, padding, dilation, groups,
-                                  eps, bn);
-    case CpuIsa::kAvx2:
-      return conv_rule_cpu_avx2(op, grad, x, y, kernel_size, stride, padding, dilation, groups,
-                                eps, bn);
-    default:
-      break;
-  }
-#endif
-  return conv_rule_cpu_default(op, grad, x, y, kernel_size, stride, padding, dilation, groups, eps,
-                               bn);
-}
-
 at::Tensor conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                double eps) {
-  return conv_rule_cpu("tsgb_ext.conv2d_backward", grad, x, y, kernel_size, stride, padding,
-                       dilation, groups, eps, nullptr);
+  return TSGB_ISA_CALL(conv_rule_cpu, "tsgb_ext.conv2d_backward", grad, x, y, kernel_size, stride,
+                       padding, dilation, groups, eps, nullptr);
 }
 
 at::Tensor conv2d_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
@@ -68,8 +43,8 @@ at::Tensor conv2d_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c
                                   at::IntArrayRef padding, at::IntArrayRef dilation,
                                   int64_t groups, double eps) {
   const BnArgs bn{running_mean, running_var, bn_weight, bn_bias, bn_eps, act};
-  return conv_rule_cpu("tsgb_ext.conv2d_bn_backward", grad, x, y, kernel_size, stride, padding,
-                       dilation, groups, eps, &bn);
+  return TSGB_ISA_CALL(conv_rule_cpu, "tsgb_ext.conv2d_bn_backward", grad, x, y, kernel_size,
+                       stride, padding, dilation, groups, eps, &bn);
 }
 
 }  // namespace

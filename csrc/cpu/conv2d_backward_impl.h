@@ -20,8 +20,8 @@
 // Ci = 1 and P = batch*G (one plane per group), for channels_last Ci = G and P = batch, so the
 // box sums run on contiguous spans in both cases.
 #pragma once
-// Included once per instruction set by conv2d_backward.cpp (baseline) and
-// conv2d_backward_avx2.cpp (AVX2 + FMA); every definition here has internal linkage (anonymous
+// Included once per instruction set by conv2d_backward.cpp (baseline), isa_avx2.cpp and
+// isa_avx512.cpp; every definition here has internal linkage (anonymous
 // namespace), so each translation unit keeps its own copy. The includer defines
 // TSGB_ISA_SUFFIX, which names the one external entry point (below).
 #include <ATen/ATen.h>

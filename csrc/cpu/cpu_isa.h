@@ -30,3 +30,14 @@ CpuIsa cpu_isa();
 std::string cpu_isa_op(const std::optional<std::string>& set);
 
 }  // namespace tsgb
+
+// base_avx512(...), base_avx2(...) or base_default(...): the copy of a kernel entry point for
+// the active instruction set (the callers declare the copies they use).
+#if TSGB_HAVE_X86_TUS
+#define TSGB_ISA_CALL(base, ...)                                                              \
+  (::tsgb::cpu_isa() == ::tsgb::CpuIsa::kAvx512 ? base##_avx512(__VA_ARGS__)                  \
+   : ::tsgb::cpu_isa() == ::tsgb::CpuIsa::kAvx2 ? base##_avx2(__VA_ARGS__)                    \
+                                                : base##_default(__VA_ARGS__))
+#else
+#define TSGB_ISA_CALL(base, ...) base##_default(__VA_ARGS__)
+#endif

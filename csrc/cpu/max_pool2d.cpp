@@ -39,15 +39,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
   at::Tensor y = at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
   const at::Tensor xc = x.contiguous(fmt);
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-#if TSGB_HAVE_X86_TUS
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: max_pool2d_forward_kernel_avx512(xc, y, s, cl); return y;
-    case CpuIsa::kAvx2: max_pool2d_forward_kernel_avx2(xc, y, s, cl); return y;
-    default: break;
-  }
-#endif
-  max_pool2d_forward_kernel_default(xc, y, s, cl);
+  TSGB_ISA_CALL(max_pool2d_forward_kernel, xc, y, s, fmt == at::MemoryFormat::ChannelsLast);
   return y;
 }
 
@@ -63,15 +55,8 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
   at::Tensor gx = at::empty({s.N, s.C, s.H, s.W}, x.options().memory_format(fmt));
   if (gx.numel() == 0) return gx;
   const at::Tensor gc = grad.contiguous(fmt), xc = x.contiguous(fmt), yc = y.contiguous(fmt);
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-#if TSGB_HAVE_X86_TUS
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: max_pool2d_backward_kernel_avx512(gc, xc, yc, gx, s, cl); return gx;
-    case CpuIsa::kAvx2: max_pool2d_backward_kernel_avx2(gc, xc, yc, gx, s, cl); return gx;
-    default: break;
-  }
-#endif
-  max_pool2d_backward_kernel_default(gc, xc, yc, gx, s, cl);
+  TSGB_ISA_CALL(max_pool2d_backward_kernel, gc, xc, yc, gx, s,
+                fmt == at::MemoryFormat::ChannelsLast);
   return gx;
 }
 

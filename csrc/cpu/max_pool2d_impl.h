@@ -275,8 +275,7 @@ template <typename scalar_t>
 void mp_backward_nhwc(const scalar_t* g, const scalar_t* x, const scalar_t* y, scalar_t* gx,
                       const PoolShapes& s) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Window2d& w = s.win;
-  const int64_t C = s.C, H = s.H, W = s.W, HW = H * W, HoWo = s.Ho * s.Wo;
+  const int64_t C = s.C, HW = s.H * s.W, HoWo = s.Ho * s.Wo;
   constexpr int64_t kBlock = 64;  // channels per task: tasks never write the same element
   const int64_t blocks = (C + kBlock - 1) / kBlock;
   at::parallel_for(0, s.N * blocks, mp_grain(HW * kBlock), [&](int64_t begin, int64_t end) {

@@ -325,10 +325,9 @@ class Conversion:
         def forward(x):
             b = conv.backend
             if not getattr(b, "supports_max_pool", False):
-                return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation,
-                                    ceil_mode=m.ceil_mode)
-            return b.max_pool2d(x, pair(m.kernel_size), pair(m.stride or m.kernel_size),
-                                pair(m.padding), pair(m.dilation), m.ceil_mode)
+                return nn.MaxPool2d.forward(m, x)
+            return b.max_pool2d(x, pair(m.kernel_size), pair(m.stride), pair(m.padding),
+                                pair(m.dilation), m.ceil_mode)
         self._set_forward(m, forward)
 
     def _patch_classifier(self, m: nn.Linear) -> None:

@@ -62,6 +62,8 @@ class HooksBackend(tsgb_hooks.HooksBackend):
 
     supports_fusion = False
     supports_conv_relu = False
+    supports_max_pool = False
+    reuses_memory = False
 
 
 HOOKS = HooksBackend()
