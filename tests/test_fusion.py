@@ -314,3 +314,123 @@ def test_conv2d_subclasses_fused_through_their_conv2d_call(device):
         assert sorted(bool(b.__dict__.get("subclass_unfusable")) for b in blocks) == [False, False, True]
         assert _rel(fused, tsgb_ext.TSGB(model, backend="hooks").attribute(x, 3)) < 1e-12
         assert _rel(fused, _maps(model, x, 3, fuse=False)) < 1e-12
+
+
+# ---- tracing touches no process-wide state; plans follow hooks added later (issue 19) -------
+class _Spy(Net):
+    """Records, from inside its own forward (which runs with proxies while the plan is
+    traced), whether nn.Module's methods or math's functions were replaced meanwhile."""
+
+    seen = []
+
+    def forward(self, x):
+        import math
+        _Spy.seen.append((nn.Module.__call__ is _ORIG_CALL, nn.Module.__getattr__ is _ORIG_GETATTR,
+                          math.sqrt is _ORIG_SQRT, torch.fx._symbolic_trace.is_fx_tracing()))
+        return super().forward(x)
+
+
+_ORIG_CALL, _ORIG_GETATTR = nn.Module.__call__, nn.Module.__getattr__
+import math as _math  # noqa: E402
+_ORIG_SQRT = _math.sqrt
+
+
+def test_tracing_patches_nothing_process_wide():
+    torch.manual_seed(0)
+    model = _randomise_bn(_Spy())
+    _Spy.seen.clear()
+    ex = tsgb_ext.TSGB(model, backend="native")
+    ex.attribute(torch.randn(1, 3, 16, 16), 0)
+    assert _plan(ex).graph_module is not None and _plan(ex).chains >= 3  # it did trace
+    assert _Spy.seen and all(s == (True, True, True, False) for s in _Spy.seen), _Spy.seen
+
+
+def test_unrelated_model_in_another_thread_while_plans_are_traced():
+    """First calls (each traces its model) on one thread while an unrelated model runs on
+    another: the other thread sees ordinary modules throughout, and nothing stays patched."""
+    import threading
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    xo = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        ref = other(xo)
+    errors, stop, runs = [], threading.Event(), [0]
+
+    def loop():
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    out = other(xo)
+                if not torch.equal(out, ref):
+                    errors.append("changed output")
+            except Exception as e:  # noqa: BLE001 - what the other thread saw
+                errors.append(f"{type(e).__name__}: {e}")
+            runs[0] += 1
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        for i in range(8):
+            torch.manual_seed(i)
+            ex = tsgb_ext.TSGB(_randomise_bn(Net()), backend="native")
+            ex.attribute(torch.randn(1, 3, 16, 16), 0)
+            assert _plan(ex).graph_module is not None
+    finally:
+        stop.set()
+        t.join(30)
+    assert runs[0] > 0 and not errors, errors[:5]
+    assert nn.Module.__call__ is _ORIG_CALL and nn.Module.__getattr__ is _ORIG_GETATTR
+
+
+class _Scale(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def __call__(self, m, inputs, output):
+        return output * self.k
+
+
+@pytest.mark.parametrize("where", ["bn", "conv", "relu", "block"])
+def test_hook_added_after_first_call_is_run(where):
+    """A forward hook registered after an explainer's first call (the plan is cached by then)
+    changes the map exactly as it changes a fresh explainer's; removing it restores the map."""
+    torch.manual_seed(0)
+    model = _randomise_bn(Net()).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    ex = tsgb_ext.TSGB(model, backend="native")
+    plain = ex.attribute(x, 1)
+    assert _plan(ex).graph_module is not None
+    target = {"bn": model.block.bn1, "conv": model.block.conv3, "relu": model.block.relu,
+              "block": model.block}[where]
+    h = target.register_forward_hook(_Scale(-0.5) if where != "relu" else
+                                     (lambda m, i, o: o * torch.linspace(0.5, 2, o.shape[-1],
+                                                                         dtype=o.dtype)))
+    try:
+        hooked = ex.attribute(x, 1)
+        fresh = tsgb_ext.TSGB(model, backend="hooks").attribute(x, 1)
+        assert _rel(hooked, fresh) < 1e-10
+        assert _rel(hooked, plain) > 1e-3  # the hook does change the map
+        with ex:  # and in a with-block whose plan was cached before the hook
+            assert _rel(ex.attribute(x, 1), fresh) < 1e-10
+    finally:
+        h.remove()
+    assert _rel(ex.attribute(x, 1), plain) < 1e-12
+    assert _plan(ex).graph_module is not None  # fused again without the hook
+
+
+def test_global_hook_added_after_first_call_is_run():
+    torch.manual_seed(0)
+    model = _randomise_bn(Net()).double()
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    ex = tsgb_ext.TSGB(model, backend="native")
+    plain = ex.attribute(x, 0)
+
+    def hook(m, i, o):
+        return o * 0.5 if isinstance(m, nn.BatchNorm2d) else None
+    h = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        hooked = ex.attribute(x, 0)
+        fresh = tsgb_ext.TSGB(model, backend="hooks").attribute(x, 0)
+    finally:
+        h.remove()
+    assert _rel(hooked, fresh) < 1e-10 and _rel(hooked, plain) > 1e-3

@@ -60,7 +60,7 @@ class _RuleInterceptor(TorchFunctionMode):
 
 
 
-def _check_tol(*dtypes) -> Optional[float]:
+def degenerate_tolerance(*dtypes) -> Optional[float]:
     """At or below this ratio |sum of relevance| / sum of |relevance| at every output position,
     a conv's relevance is zero up to rounding (None: too coarse a dtype to tell). Measured
     noise levels of degenerate layers: 1e-17..4e-10 in float64, 7e-10..6e-8 in float32 (the
@@ -227,7 +227,8 @@ class Conversion:
                 s = gy.sum(2, dtype=torch.float64).abs_()  # float64: the sums cancel
                 mag = gy.abs_().sum(2).double()
                 ratio = torch.where(mag > 0, s / mag.clamp_min(1e-300), torch.zeros_like(s))
-                w.append((m, ratio.max(), (mag > 0).any(), _check_tol(g.dtype, y.dtype), single))
+                w.append((m, ratio.max(), (mag > 0).any(), degenerate_tolerance(g.dtype, y.dtype),
+                          single))
         out.register_hook(hook)
 
     def degenerate(self) -> List[Tuple[nn.Module, float, bool]]:
@@ -389,7 +390,9 @@ class Conversion:
                 m.inplace = False
                 self._undo.append(lambda m=m: setattr(m, "inplace", True))
 
+        self._run_compiled_eagerly(modules)
         self._apply_fusion_plan()
+        self._watch_top_level_forward()
         fused = conv_relu_pairs(modules)
         fused_relus = set(id(r) for r in fused.values())
         for m in modules:
@@ -429,6 +432,46 @@ class Conversion:
         plan.conversion = self
         self._undo.append(lambda: setattr(plan, "conversion", None))
         self._set_forward(self.model, plan.graph_module.forward)
+
+    def _run_compiled_eagerly(self, modules) -> None:
+        """Compiled parts of the model (``torch.compile(submodule)`` wrappers, modules after
+        ``module.compile()``) run their own modules eagerly while converted: a compiled graph
+        would bake in decisions the rules make in Python at trace time (which Linear is the
+        classifier) and bypass the patched forwards of a graph compiled before."""
+        for m in modules:
+            if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
+                self._set_forward(m, m._orig_mod.__call__)
+            if m.__dict__.get("_compiled_call_impl") is not None:
+                old = m.__dict__["_compiled_call_impl"]
+                m.__dict__["_compiled_call_impl"] = None
+                self._undo.append(lambda m=m, old=old: m.__dict__.__setitem__(
+                    "_compiled_call_impl", old))
+
+    def _watch_top_level_forward(self) -> None:
+        """Without a named classifier, each forward of the model decides at its end which
+        Linear is the classifier (the last one it ran), also for a forward and backward made
+        by hand inside a with-block (``logits = model(x); autograd.grad(...)``), so that the
+        backward of every forward of a converted model is TSGB's."""
+        if self.classifier is not None:
+            return
+        conv, model = self, self.model
+        inner = model.forward  # the traced plan's forward, an instance forward or the class's
+        depth = [0]
+
+        def forward(*args, **kwargs):
+            if conv.classifier is not None:  # fixed by a with-block's first call
+                return inner(*args, **kwargs)
+            if depth[0] == 0:
+                conv.begin_forward()
+            depth[0] += 1
+            try:
+                out = inner(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                conv.end_forward()
+            return out
+        self._set_forward(model, forward)
 
     def begin_forward(self) -> None:
         self.state.executed.clear()

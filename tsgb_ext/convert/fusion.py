@@ -3,7 +3,6 @@ as one native ``conv2d_bn_act`` call (the fusion plan, cached per module tree), 
 ``Conv2d -> ReLU`` pairs of ``nn.Sequential`` containers (``conv2d_relu``)."""
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -22,12 +21,73 @@ _ACT_FALLBACK = {1: F.relu, 2: F.relu6}
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracer that keeps every module the conversion patches as a call_module node
-    (so its patched forward, and a Conv2d subclass's own forward, run when the graph runs)."""
+    """A torch.fx tracer that touches no process-wide state.
+
+    ``fx.Tracer.trace`` finds submodule calls by replacing ``torch.nn.Module.__call__`` and
+    ``__getattr__`` (and ``math``'s functions) for the whole process while it traces: a model
+    running in another thread meanwhile gets proxies or "not installed as a submodule"
+    errors, and two traces at once can leave the patch in place. This tracer instead gives
+    each leaf module of the model being traced an instance-level ``forward`` that records a
+    ``call_module`` node when it is handed a proxy (and runs the module's own forward when it
+    is not, so a direct call of the same model elsewhere is unaffected); everything else
+    traces through ``Proxy.__torch_function__``. Leaves are the modules the conversion patches
+    (Conv2d, BatchNorm2d, AvgPool2d, Linear) and torch.nn's own, so their patched forwards, and
+    a Conv2d subclass's own forward, run when the graph runs. What fx's patches would have
+    made traceable (a parameter's proxied attributes, ``math.sqrt`` of a proxy, functions
+    registered with ``torch.fx.wrap``) raises instead, and the model runs unfused."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Linear))
                 or super().is_leaf_module(m, qualname))
+
+    def trace(self, root: nn.Module, concrete_args=None) -> fx.Graph:  # noqa: D102
+        if concrete_args is not None:
+            raise NotImplementedError("concrete_args")
+        self.root = root
+        self.submodule_paths = {m: n for n, m in root.named_modules()}
+        self.graph = fx.Graph(tracer_cls=type(self))
+        self.tensor_attrs = {}  # tensors that are plain attributes (fx's create_arg looks here)
+        for prefix, m in root.named_modules():
+            for k, v in m.__dict__.items():
+                if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+                    self.tensor_attrs[v] = f"{prefix}.{k}" if prefix else k
+        fn, args = self.create_args_for_root(type(root).forward, True, None)
+        undo = [self._intercept(m, name) for name, m in root.named_modules()
+                if m is not root and self.is_leaf_module(m, name)]
+        try:
+            out = fn(*args)
+            self.create_node("output", "output", (self.create_arg(out),), {})
+        finally:
+            for u in reversed(undo):
+                u()
+            self.submodule_paths = None
+        return self.graph
+
+    def _intercept(self, m: nn.Module, name: str) -> Callable[[], None]:
+        """m's instance forward, while tracing: a call_module node for a call with a proxy."""
+        old = m.__dict__.get("forward", _MISSING)
+        run = m.forward  # what an ordinary call runs (its instance forward or its class's)
+        tracer = self
+
+        def forward(*args, **kwargs):
+            if any(isinstance(a, fx.Proxy) for a in _leaves((args, kwargs))):
+                return tracer.create_proxy("call_module", name, args, kwargs)
+            return run(*args, **kwargs)
+        m.__dict__["forward"] = forward
+
+        def undo():
+            if old is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = old
+        return undo
+
+
+_MISSING = object()
+
+
+def _leaves(tree):
+    return torch.utils._pytree.tree_leaves(tree)
 
 
 class FusedBlock(nn.Module):
@@ -111,21 +171,40 @@ class FusionPlan:
         self.graph_module = graph_module
         self.chains = chains
         self.conversion: Optional["Conversion"] = None
+        #: why there is no graph (None when there is one, or no chain to fuse)
+        self.reason: Optional[str] = None
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks", "_global_forward_hooks_always_called",
+                 "_global_forward_hooks_with_kwargs")
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                 "_backward_pre_hooks")
+
+
+def _hook_state(modules) -> tuple:
+    """Every module hook and global module hook registered now, by handle id (ids only grow,
+    so a hook removed and another added reads differently)."""
+    from torch.nn.modules import module as _m
+    glob = tuple(tuple(getattr(_m, n, None) or ()) for n in _GLOBAL_HOOKS)
+    return glob, tuple((id(m),) + tuple(tuple(getattr(m, n, None) or ()) for n in _MODULE_HOOKS)
+                       for m in modules if any(getattr(m, n, None) for n in _MODULE_HOOKS))
 
 
 def _has_hooks(modules) -> bool:
-    from torch.nn.modules import module as _m
-    if any(getattr(_m, n, None) for n in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                          "_global_backward_hooks",
-                                          "_global_backward_pre_hooks")):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-               or m._backward_pre_hooks for m in modules)
+    glob, per_module = _hook_state(modules)
+    return any(glob) or bool(per_module)
 
 
 def module_fingerprint(model: nn.Module):
-    return tuple((id(m), type(m), m.__dict__.get("forward"), getattr(m, "padding_mode", None),
-                  getattr(m, "running_mean", 0) is None) for m in model.modules())
+    """What a cached plan depends on: the module tree (identity, type, instance forward,
+    padding mode, BN running statistics) and every hook registered on it or globally, so
+    that a plan traced before a hook was added is never run after (a traced graph would
+    skip or misplace the hook)."""
+    modules = list(model.modules())
+    return (tuple((id(m), type(m), m.__dict__.get("forward"), getattr(m, "padding_mode", None),
+                   getattr(m, "running_mean", 0) is None) for m in modules),
+            _hook_state(modules))
 
 
 def _act_of(node: fx.Node, src: fx.Node, modules: Dict[str, nn.Module]):
@@ -154,10 +233,9 @@ def build_plan(model: nn.Module, fingerprint) -> FusionPlan:
     if "forward" in model.__dict__ or _has_hooks(modules):
         return none
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = _Tracer().trace(model)
-    except Exception:  # untraceable (data-dependent control flow, ...): no fusion
+        graph = _Tracer().trace(model)
+    except Exception as e:  # untraceable (data-dependent control flow, ...): no fusion
+        none.reason = f"not traceable ({type(e).__name__}: {e})"[:300]
         return none
     named = dict(model.named_modules())
     chains = []

@@ -9,11 +9,12 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..convert.conversion import Conversion
+from ..convert.conversion import Conversion, degenerate_tolerance
 from ..convert.fusion import FusedBlock
 from ..convert.layer_map import describe_rules
 from . import backend as backends
-from .inputs import TargetLike, check_call, logits as model_logits, target_tensor, tf32_off
+from .inputs import (TargetLike, check_call, compile_options, flag, logits as model_logits,
+                     target_tensor, tf32_off, uncompiled)
 from .modellock import model_lock
 
 
@@ -67,24 +68,20 @@ class TSGB:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         backends.check_choice(backend)
-        self.model = model
+        # a torch.compile'd model is explained through the module it wraps: a compiled
+        # graph would bake in the rules' Python decisions (which Linear is the classifier)
+        # at trace time. Compiled submodules run eagerly inside a conversion (Conversion).
+        self.model = uncompiled(model)
         self.backend = backend
-        self._names: Dict[nn.Module, str] = {m: n for n, m in model.named_modules()}
+        self._names: Dict[nn.Module, str] = {m: n for n, m in self.model.named_modules()}
         self.classifier = self._resolve_classifier(classifier)
         self._conversion: Optional[Conversion] = None
         self.last_backend: Optional[str] = None
-        self.allow_tf32 = bool(allow_tf32)
-        if not isinstance(fuse, bool):
-            raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
-        self.fuse = fuse
-        self._fusion_cache: Optional[dict] = {} if fuse else None
-        if not isinstance(compile, (bool, dict)):
-            raise TypeError(f"compile must be a bool or a dict of torch.compile keyword "
-                            f"arguments, got {type(compile).__name__}")
-        self.compile = compile
-        if not isinstance(reuse_memory, bool):
-            raise TypeError(f"reuse_memory must be a bool, got {type(reuse_memory).__name__}")
-        self.reuse_memory = reuse_memory
+        self.allow_tf32 = flag("allow_tf32", allow_tf32)
+        self.fuse = flag("fuse", fuse)
+        self._fusion_cache: Optional[dict] = {} if self.fuse else None
+        self.compile = compile_options(compile)
+        self.reuse_memory = flag("reuse_memory", reuse_memory)
         self._memory_held = None  # the backend holding kept activation memory for a with-block
         self._compiled: Optional[Callable] = None  # the compiled forward of a with-block
         # calls through this explainer's with-block conversion, from any thread: one at a time
@@ -126,15 +123,23 @@ class TSGB:
             raise RuntimeError("this TSGB explainer is already active in a with-block")
         lock = model_lock(self.model)
         lock.acquire(self, "this with-block")  # waits while another thread holds the model
+        conv = None
         try:
+            # torch.compile validates its arguments here, before the model is touched
+            compiled = (torch.compile(self.model, **self.compile)
+                        if self.compile is not None else None)
             fusion = self._fusion_cache if self.backend != "hooks" else None
-            self._conversion = Conversion(self.model, backends.HOOKS, self.classifier,
-                                          self._names, fusion, self._warned).__enter__()
-            if self.compile:
-                opts = self.compile if isinstance(self.compile, dict) else {}
-                self._compiled = torch.compile(self.model, **opts)
+            conv = Conversion(self.model, backends.HOOKS, self.classifier, self._names, fusion,
+                              self._warned)
+            self._conversion = conv.__enter__()
+            self._compiled = compiled
         except BaseException:
-            lock.release(self)
+            self._conversion = self._compiled = None
+            try:
+                if conv is not None:
+                    conv.restore()
+            finally:
+                lock.release(self)
             raise
         return self
 
@@ -231,19 +236,21 @@ class TSGB:
             xin = xin.clone()
         amp = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
                else contextlib.nullcontext())
-        # degenerate-layer check: once per model, module tree, input shape and dtype
+        # degenerate-layer check: once per model, module tree, input shape and dtype; not in
+        # float16/bfloat16 (their rounding is coarser than the cancellation it looks for)
         key = (conv.tree, tuple(x.shape[1:]), x.dtype, amp_dtype, x.device.type)
         seen = _degenerate_checked.setdefault(self.model, {})
-        check = key not in seen
+        check = key not in seen and degenerate_tolerance(amp_dtype or x.dtype) is not None
         conv.watch = [] if check else None
         # compiled: inside a with-block, once the classifier patch is static and the
         # first-call checks are done (they run Python between ops)
-        forward = (self._compiled if self._compiled is not None and conv is self._conversion
-                   and conv.classifier is not None and not check else self.model)
+        compiled = (self._compiled is not None and conv is self._conversion
+                    and conv.classifier is not None and not check)
+        forward = self._compiled if compiled else self.model
         with self._memory(backend, x, conv), torch.enable_grad():
             xin.requires_grad_(True)
             conv.begin_forward()
-            with amp:
+            with amp, (_keep_saved_buffers() if compiled else contextlib.nullcontext()):
                 logits = model_logits(forward(xin, *forward_args))
             if logits.shape[0] != x.shape[0]:
                 raise ValueError(f"the model returned {logits.shape[0]} rows of scores for "
@@ -266,7 +273,7 @@ class TSGB:
         if check:
             self._report_degenerate(conv, seen, key)
         else:
-            self._degenerate.update(seen[key])
+            self._degenerate.update(seen.get(key, {}))
         self._observed.update(conv.observed)
         self._last_classifier = clf
         if self.classifier is None and conv is self._conversion:
@@ -378,6 +385,20 @@ class RuleReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _keep_saved_buffers():
+    """Around a compiled forward: AOTAutograd may "donate" the tensors a compiled graph saves
+    for its backward to that backward's outputs, which allows the backward to run once only;
+    the T backward passes of T targets each need them. Read when a graph is compiled (this
+    call's forward, when it compiles); no effect on graphs compiled elsewhere."""
+    try:
+        import torch._functorch.config as cfg
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    if not hasattr(cfg, "donated_buffer"):
+        return contextlib.nullcontext()
+    return cfg.patch(donated_buffer=False)
 
 
 #: model -> {(module tree, input shape, dtype, ...): {degenerate conv: ratio}}: the check runs

@@ -29,6 +29,55 @@ def logits(out) -> torch.Tensor:
     return logits
 
 
+def flag(name: str, value) -> bool:
+    """A bool argument: ``True``/``False`` (numpy's bools too); anything else is refused rather
+    than read by its truth value (``allow_tf32="no"`` is not ``True``)."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ == "bool":  # numpy.bool_
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} "
+                    f"{value!r:.40}")
+
+
+def compile_options(compile) -> Optional[dict]:
+    """``TSGB(compile=...)``: None (off) or the keyword arguments for ``torch.compile``
+    (``True`` and ``{}``: its defaults). The arguments are checked against torch.compile's
+    signature, and its own checks (mode, backend names) run on a stand-in module, so a bad
+    value fails at construction, never half-way through converting a model."""
+    if compile is False:
+        return None
+    if compile is True:
+        return {}
+    if not isinstance(compile, dict):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile keyword "
+                        f"arguments, got {type(compile).__name__}")
+    opts = dict(compile)
+    bad = [k for k in opts if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"compile: keyword names must be strings, got {bad!r:.80}")
+    import inspect
+    params = inspect.signature(torch.compile).parameters
+    unknown = sorted(set(opts) - set(params) - {"model"})
+    if "model" in opts or unknown:
+        raise TypeError(f"compile: {sorted(set(unknown) | ({'model'} & set(opts)))} are not "
+                        f"torch.compile keyword arguments (it takes "
+                        f"{[p for p in params if p != 'model']})")
+    try:
+        torch.compile(torch.nn.Identity(), **opts)
+    except Exception as e:
+        raise ValueError(f"compile: torch.compile refused {opts!r:.120}: {e}") from e
+    return opts
+
+
+def uncompiled(model):
+    """The module a ``torch.compile(model)`` wrapper (``OptimizedModule``) wraps, else
+    ``model``."""
+    while hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod
+    return model
+
+
 def check_x(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")

@@ -14,13 +14,19 @@ ops = torch.ops.tsgb_ext
 # ---- the backend object ----------------------------------------------------------------
 def _autocast(x: torch.Tensor, *tensors):
     """Under torch.autocast, cast like autocast does for conv/linear (to its lower-precision
-    dtype); custom ops are not covered by autocast's own casting."""
+    dtype); custom ops are not covered by autocast's own casting. As in autocast, only
+    float32/float16/bfloat16 tensors are eligible, and nothing is cast unless the input is:
+    a float64 call stays float64."""
     dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and x.dtype in _ELIGIBLE:
         dt = torch.get_autocast_dtype(dev)
-        return tuple(t.to(dt) if t is not None and t.is_floating_point() else t
+        return tuple(t.to(dt) if t is not None and t.dtype in _ELIGIBLE else t
                      for t in (x,) + tensors)
     return (x,) + tensors
+
+
+#: what torch.autocast casts (its ``is_eligible``: floating, not float64)
+_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class NativeBackend:
