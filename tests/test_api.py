@@ -301,3 +301,63 @@ def test_explain_topk_from_one_forward_equals_attribute(backend):
         assert maps.shape == (2, 3, 40, 40) and classes.shape == (2, 3)
         torch.testing.assert_close(classes, model(x).topk(3).indices)
         torch.testing.assert_close(maps, ex.attribute(x, classes))
+
+
+# ---- arguments, autocast and hand-made backward passes (issue 19) ----------------------------
+@pytest.mark.parametrize("name", ["allow_tf32", "fuse", "reuse_memory"])
+def test_bool_arguments(name):
+    np = pytest.importorskip("numpy")
+    ex = tsgb_ext.TSGB(small_net(), **{name: np.True_})
+    assert getattr(ex, name) is True
+    assert getattr(tsgb_ext.TSGB(small_net(), **{name: np.False_}), name) is False
+    for bad in ("no", 1, None, [True]):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            tsgb_ext.TSGB(small_net(), **{name: bad})
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_float64_model_under_autocast_stays_float64(backend):
+    """torch.autocast never casts float64; neither do the rule ops: a float64 model explained
+    with amp_dtype=bfloat16 gives its float64 map."""
+    model = resnet().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    want = tsgb_ext.TSGB(model, backend=backend).attribute(x, [1, 4])
+    maps, _, logits = tsgb_ext.TSGB(model, backend=backend).explain(
+        x, lambda lg: torch.tensor([[1], [4]]), amp_dtype=torch.bfloat16)
+    assert maps.dtype == torch.float64 and logits.dtype == torch.float64
+    assert float((maps - want).norm() / want.norm()) < 1e-10
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = small_net(classes=9)
+        self.head = nn.Linear(9, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.features(x)))
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("model_fn", [TwoLinears, resnet])
+def test_backward_by_hand_in_a_with_block_is_tsgb(backend, model_fn):
+    """Zennit-style use: inside the with-block, model(x) and torch.autograd.grad by hand, before
+    and after any attribute() call, give TSGB's gradient (the classifier, the last Linear a
+    forward runs, is decided at the end of each forward)."""
+    torch.manual_seed(0)
+    model = model_fn().eval().double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    size = 64 if model_fn is resnet else 16  # resnet18's last stage: 2 x 2 positions
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    want = tsgb_ext.TSGB(model, backend=backend).attribute(x, 2)
+    with tsgb_ext.TSGB(model, backend=backend) as ex:
+        for _ in range(2):  # before the first attribute() call, then after it
+            xi = x.clone().requires_grad_(True)
+            out = model(xi)
+            (gx,) = torch.autograd.grad(out[:, 2].sum(), xi)
+            by_hand = (gx * x).sum(1, keepdim=True)
+            assert float((by_hand - want).norm() / want.norm()) < 1e-10
+            ex.attribute(x, 2)

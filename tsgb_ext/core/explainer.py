@@ -247,10 +247,11 @@ class TSGB:
         compiled = (self._compiled is not None and conv is self._conversion
                     and conv.classifier is not None and not check)
         forward = self._compiled if compiled else self.model
-        with self._memory(backend, x, conv), torch.enable_grad():
+        with self._memory(backend, x, conv), torch.enable_grad(), \
+                (_keep_saved_buffers() if compiled else contextlib.nullcontext()):
             xin.requires_grad_(True)
             conv.begin_forward()
-            with amp, (_keep_saved_buffers() if compiled else contextlib.nullcontext()):
+            with amp:
                 logits = model_logits(forward(xin, *forward_args))
             if logits.shape[0] != x.shape[0]:
                 raise ValueError(f"the model returned {logits.shape[0]} rows of scores for "
@@ -388,10 +389,11 @@ class RuleReport:
 
 
 def _keep_saved_buffers():
-    """Around a compiled forward: AOTAutograd may "donate" the tensors a compiled graph saves
-    for its backward to that backward's outputs, which allows the backward to run once only;
-    the T backward passes of T targets each need them. Read when a graph is compiled (this
-    call's forward, when it compiles); no effect on graphs compiled elsewhere."""
+    """Around a compiled forward and its backward passes: AOTAutograd may "donate" the tensors
+    a compiled graph saves for its backward to that backward's outputs, which allows the
+    backward to run once only, and the T backward passes of T targets each need them. The
+    flag is read when the graph is compiled (in this call's forward) and when its backward
+    first runs (both inside this block)."""
     try:
         import torch._functorch.config as cfg
     except ImportError:  # pragma: no cover
