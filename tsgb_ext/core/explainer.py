@@ -13,8 +13,8 @@ from ..convert.conversion import Conversion, degenerate_tolerance
 from ..convert.fusion import FusedBlock
 from ..convert.layer_map import describe_rules
 from . import backend as backends
-from .inputs import (TargetLike, check_call, compile_options, flag, logits as model_logits,
-                     target_tensor, tf32_off, uncompiled)
+from .inputs import (TargetLike, check_call, compile_options, deferred_checks, flag,
+                     logits as model_logits, target_tensor, tf32_off, uncompiled)
 from .modellock import model_lock
 
 
@@ -172,15 +172,17 @@ class TSGB:
         """
         check_call(x)
         n = x.shape[0]
-        tgt = target_tensor(target, n, x.device)
+        tgt = target_tensor(target, n, None)
         if n == 0:
             self.last_backend = self._backend_for(x.device).name
             t = tgt.shape[1] if tgt is not None else 1
             return x.new_zeros((0, t) + tuple(x.shape[2:]))
 
-        # the largest class id is read before the forward: reading it from a CUDA tensor
-        # between forward and backward would wait for the whole forward to finish
-        tmax = int(tgt.max()) if tgt is not None and tgt.numel() else -1
+        # the largest class id is read here from a CPU target; a CUDA target's values are
+        # checked at the end of the call (deferred_checks): no host read before the forward
+        tmax = int(tgt.max()) if tgt is not None and tgt.numel() and not tgt.is_cuda else -1
+        if tgt is not None:
+            tgt = tgt.to(x.device, non_blocking=True)
 
         def select(logits: torch.Tensor) -> torch.Tensor:
             if tgt is None:
@@ -263,14 +265,17 @@ class TSGB:
             tgt = select(logits.detach())
             T = tgt.shape[1]
             maps = []
+            classes = torch.arange(logits.shape[1], device=logits.device)
             for j in range(T):
-                g = torch.zeros_like(logits)
-                g.scatter_(1, tgt[:, j:j + 1], 1.0)
+                # one-hot by comparison, not scatter: an out-of-range CUDA target (reported by
+                # deferred_checks) gives a zero row here rather than a device-side assert
+                g = (classes == tgt[:, j:j + 1]).to(logits.dtype)
                 # the rules handle precision themselves: no autocast inside their kernels
                 with torch.autocast(x.device.type, enabled=False):
                     (gx,) = torch.autograd.grad(logits, xin, g, retain_graph=j < T - 1)
                 with torch.no_grad():
                     maps.append(gx * x if per_element else (gx * x).sum(1, keepdim=True))
+        deferred_checks(x, tgt, logits.shape[1])
         if check:
             self._report_degenerate(conv, seen, key)
         else:

@@ -78,19 +78,26 @@ def uncompiled(model):
     return model
 
 
-def check_x(x) -> None:
+def check_x(x, values: bool = True) -> None:
+    """Type, dtype and shape of ``x``; with ``values``, also that it is finite (a host read:
+    the explainer defers it for CUDA tensors, see ``deferred_checks``)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor (N, C, H, W), got dtype {x.dtype}")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("x must be finite: it contains NaN or inf")
+    if values and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(_NOT_FINITE)
+
+
+_NOT_FINITE = "x must be finite: it contains NaN or inf"
 
 
 def target_tensor(target: TargetLike, n: int, device) -> Optional[torch.Tensor]:
-    """Validate ``target`` against the batch size: None, or an int64 (N, T) tensor."""
+    """Validate ``target`` against the batch size: None, or an int64 (N, T) tensor on
+    ``device`` (``None``: where it is, a CPU tensor for ints and sequences). The values of a
+    CUDA tensor are not read when ``device`` is None (``deferred_checks`` does that)."""
     if target is None:
         return None
     if isinstance(target, bool):
@@ -131,9 +138,27 @@ def target_tensor(target: TargetLike, n: int, device) -> Optional[torch.Tensor]:
             raise ValueError(f"target must be an int, 1-D (N,) or 2-D (N, T), got shape "
                              f"{tuple(t.shape)}")
         t = t.to(torch.long)
-    if t.numel() and int(t.min()) < 0:
+    if t.numel() and (device is not None or not t.is_cuda) and int(t.min()) < 0:
         raise IndexError(f"target must be class indices >= 0, got {int(t.min())}")
-    return t.to(device)
+    return t if device is None else t.to(device)
+
+
+def deferred_checks(x: torch.Tensor, tgt: Optional[torch.Tensor], classes: int) -> None:
+    """The value checks of a CUDA call, read once at its end (after its work is queued), not
+    before the forward: a host read there would wait for the input's transfer and stall the
+    pipeline. Not run while a CUDA graph is being captured (nothing can be read then)."""
+    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return
+    parts = [torch.isfinite(x).all().logical_not().double().reshape(1)]
+    if tgt is not None and tgt.numel():
+        parts += [tgt.min().double().reshape(1), tgt.max().double().reshape(1)]
+    vals = torch.cat(parts).tolist()  # the one host read
+    if vals[0]:
+        raise ValueError(_NOT_FINITE)
+    if len(vals) > 1 and vals[1] < 0:
+        raise IndexError(f"target must be class indices >= 0, got {int(vals[1])}")
+    if len(vals) > 1 and vals[2] >= classes:
+        raise IndexError(f"target must be class indices in [0, {classes}), got {int(vals[2])}")
 
 
 # TF32 flags are process-wide: saved on the first entry, restored on the last exit (calls on
@@ -166,9 +191,10 @@ def tf32_off(active: bool):
 
 
 def check_call(x) -> None:
-    """``check_x``, and autograd must be on (no ``torch.inference_mode()``)."""
+    """``check_x`` (its value check only for CPU tensors: CUDA inputs are checked by
+    ``deferred_checks``), and autograd must be on (no ``torch.inference_mode()``)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("TSGB.attribute needs autograd and cannot run under "
                            "torch.inference_mode(); call it outside that block "
                            "(torch.no_grad() is fine)")
-    check_x(x)
+    check_x(x, values=not (isinstance(x, torch.Tensor) and x.is_cuda))
