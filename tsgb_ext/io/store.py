@@ -600,6 +600,9 @@ class MapStore:
                                  f"{self._maps[0].shape[1:]} maps")
             if not np.isfinite(arr).all():
                 raise ValueError(f"image {image!r}: the map is not finite (NaN or inf)")
+        if class_names is not None and max(targets) >= len(class_names):
+            raise ValueError(f"class_names: {len(class_names)} names, no name for class "
+                             f"{max(targets)}")
         sc = [float(s) for s in _host(scores).reshape(-1)] if scores is not None else None
         if sc is not None and len(sc) != len(targets):
             raise ValueError(f"scores: {len(sc)} scores for {len(targets)} targets")
