@@ -57,8 +57,7 @@ import re
 import socket
 import time
 import uuid
-from typing import (Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple,
-                    Union)
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
