@@ -55,8 +55,14 @@ def index(out):
         return list(csv.DictReader(f))
 
 
-def load_map(out, row):
+def stored(out, row):
+    """The map of an index row as stored in its shard (float16 or float32)."""
     return np.load(out / row["shard"])[int(row["row"])]
+
+
+def load_map(out, row):
+    """The map of an index row: the stored array times the row's scale."""
+    return stored(out, row).astype(np.float32) * float(row["scale"])
 
 
 def expected_maps(paths, targets):
@@ -78,8 +84,9 @@ def test_npy_top1_index_and_maps(imgs, tmp_path, capsys):
     assert [r["image"] for r in rows] == sorted(r["image"] for r in rows)
     assert all(r["rank"] == "1" and r["png"] == "" for r in rows)
     assert len({r["shard"] for r in rows}) == 3       # shards of 2 maps
+    assert all(stored(out, r).dtype == np.float16 for r in rows)
     maps = np.stack([load_map(out, r) for r in rows])
-    assert maps.dtype == np.float16 and maps.shape == (5, 32, 32)
+    assert maps.shape == (5, 32, 32)
     ref = expected_maps([r["image"] for r in rows], [[int(r["target"])] for r in rows])[:, 0]
     np.testing.assert_allclose(maps, ref, rtol=2e-3, atol=1e-4 * np.abs(ref).max())
     scores = [float(r["score"]) for r in rows]
@@ -97,7 +104,7 @@ def test_map_dtype_float32_keeps_the_maps_as_computed(imgs, tmp_path, capsys):
     assert run([imgs, "--out", out, *TINY, "--workers", "0", "--map-dtype", "float32"]) == 0
     rows = index(out)
     maps = np.stack([load_map(out, r) for r in rows])
-    assert maps.dtype == np.float32
+    assert all(stored(out, r).dtype == np.float32 and r["scale"] == "1.0" for r in rows)
     ref = expected_maps([r["image"] for r in rows], [[int(r["target"])] for r in rows])[:, 0]
     np.testing.assert_allclose(maps, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     # a resume must ask for the same dtype

@@ -1,8 +1,8 @@
 """`tsgb explain` data safety (issue 11): nothing lost, nothing clobbered; models never left
 converted by concurrent or out-of-order use.
 
-Kills happen at exact points through the test-only ``TSGB_EXPLAIN_FAULT`` hook
-(tsgb_ext/cli/_store.py), in subprocesses; everything else runs in process on a tiny seeded CNN
+Kills happen at exact points through failpoints (tests/failpoints.py: a StoreHooks object
+passed to ``cli.main``), in subprocesses; everything else runs in process on a tiny seeded CNN
 (tests/explain_factory.py, 32 x 32) and a few tiny images.
 """
 import csv
@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from failpoints import Failpoints
 from tsgb_ext import TSGB, cli
-from tsgb_ext.cli import _store
+from tsgb_ext.cli._common import display
 from tsgb_ext.data import pipeline
+from tsgb_ext.io import store as _store
 
 PIL = pytest.importorskip("PIL")
 pytest.importorskip("tqdm")
@@ -33,7 +35,6 @@ TINY = ["--model", "explain_factory:tiny", "--workers", "0", "--no-progress"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [TESTS, REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
     OMP_NUM_THREADS="1")
-ENV.pop("TSGB_EXPLAIN_FAULT", None)
 
 
 def _photo(seed, h=40, w=48):
@@ -53,27 +54,25 @@ def imgs(tmp_path):
     return root
 
 
-def run(argv, **env):
-    """cli.main in process; returns the exit code (SystemExit's for refusals)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    _store._fault_counts.clear()
+def run(argv, fault=None):
+    """cli.main in process (with the failpoints ``fault``); returns the exit code
+    (SystemExit's for refusals)."""
     try:
-        return cli.main(["explain"] + [str(a) for a in argv])
+        return cli.main(["explain"] + [str(a) for a in argv],
+                        hooks=Failpoints(fault) if fault else None)
     except SystemExit as e:
         return e.code
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+
+
+def sub_cmd(argv, fault=None):
+    """The command line of a subprocess run (through tests/failpoints.py with ``fault``)."""
+    head = ["-m", "failpoints", fault] if fault else ["-m", "tsgb_ext.cli"]
+    return [sys.executable, *head, "explain"] + [str(a) for a in argv]
 
 
 def run_sub(argv, fault=None, **kw):
-    env = dict(ENV, **({"TSGB_EXPLAIN_FAULT": fault} if fault else {}))
-    cmd = [sys.executable, "-m", "tsgb_ext.cli", "explain"] + [str(a) for a in argv]
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(sub_cmd(argv, fault), env=ENV, cwd=REPO, capture_output=True,
+                          text=True, timeout=300, **kw)
 
 
 def index(out):
@@ -82,7 +81,8 @@ def index(out):
 
 
 def load_map(out, row):
-    return np.load(out / row["shard"])[int(row["row"])]
+    """The map of an index row: the stored array times the row's scale."""
+    return np.load(out / row["shard"])[int(row["row"])].astype(np.float32) * float(row["scale"])
 
 
 def same_index(a_out, b_out):
@@ -183,10 +183,8 @@ def test_resume_redoes_an_image_with_missing_targets(imgs, tmp_path, capsys):
 def test_second_writer_is_refused_while_the_first_runs(imgs, tmp_path):
     out, go = tmp_path / "out", tmp_path / "go"
     args = [imgs, *TINY, "--top-k", "2", "--batch-size", "1", "--shard-size", "2"]
-    env = dict(ENV, TSGB_EXPLAIN_FAULT=f"part=wait:{go}")
-    first = subprocess.Popen([sys.executable, "-m", "tsgb_ext.cli", "explain",
-                              *map(str, args), "--out", str(out)], env=env, cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(sub_cmd([*args, "--out", out], f"part=wait:{go}"), env=ENV,
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not os.path.exists(f"{go}.reached"):
@@ -448,7 +446,7 @@ def test_refused_runs_create_no_folder(imgs, tmp_path, extra):
 def test_ctrl_c_at_any_step_prints_the_hint_and_resumes(imgs, tmp_path, capsys, point):
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     args = [imgs, *TINY, "--top-k", "2", "--batch-size", "1", "--shard-size", "2"]
-    assert run([*args, "--out", out], TSGB_EXPLAIN_FAULT=f"{point}=interrupt") == 130
+    assert run([*args, "--out", out], fault=f"{point}=interrupt") == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "run the same command" in err and "Traceback" not in err
     resume = ["--resume"] if (out / "run.json").exists() else []
@@ -485,7 +483,7 @@ def test_control_characters_in_names_are_escaped_when_printed(imgs, tmp_path, ca
         assert "\x1b" not in text and "\r" not in text
     assert "evil\\x1b[2J\\nname\\r.jpg" in printed.out
     assert "evil\\x1b[2J\\nname\\r.jpg" in printed.err
-    assert _store.display("a\udcffb\x7f\t") == "a\\xffb\\x7f\\t"
+    assert display("a\udcffb\x7f\t") == "a\\xffb\\x7f\\t"
 
 
 def test_pipeline_feeds_a_float64_model_float64(imgs):

@@ -1,6 +1,7 @@
-"""The package's house plan: imports point one way (cli -> data / evaluation / viz -> core ->
-convert, ops), nothing imports cli, no module imports another module's private name, and there
-is no import cycle. Read from the source with ast (nothing is imported)."""
+"""The package's house plan: imports point one way (cli -> data / evaluation / viz -> core, io
+-> convert, ops), nothing imports cli, no module imports another module's private name, and
+there is no import cycle. Read from the source with ast (nothing is imported), except the
+check that the public reader lives in the library layer."""
 import ast
 import os
 
@@ -10,7 +11,8 @@ PKG = "tsgb_ext"
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PKG)
 
 # layer of each top-level part (a module may import only from its own part or lower layers)
-LAYERS = {"cli": 4, "data": 3, "evaluation": 3, "viz": 3, "core": 2, "convert": 1, "ops": 0}
+LAYERS = {"cli": 4, "data": 3, "evaluation": 3, "viz": 3, "core": 2, "io": 2, "convert": 1,
+          "ops": 0}
 
 
 def _modules():
@@ -136,3 +138,12 @@ def test_no_function_longer_than_120_lines(mod):
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             and n.end_lineno - n.lineno + 1 > 120]
     assert not long, f"{mod}: " + ", ".join(long)
+
+
+def test_the_map_reader_and_store_are_library_code_not_cli():
+    import tsgb_ext
+    from tsgb_ext import io
+    for obj in (tsgb_ext.open_maps, io.open_maps, io.MapStore, io.MapSet):
+        assert obj.__module__.startswith("tsgb_ext.io."), obj
+        assert not obj.__module__.startswith("tsgb_ext.cli"), obj
+    assert "tsgb_ext.cli._store" not in MODULES

@@ -410,6 +410,7 @@ def test_load_model_timm_safetensors_and_pth(timm_weights):
 
 def test_cli_explain_timm_model_with_safetensors(timm_weights, tmp_path):
     import csv
+    import json
 
     import numpy as np
 
@@ -428,7 +429,13 @@ def test_cli_explain_timm_model_with_safetensors(timm_weights, tmp_path):
     # the map of the first image, from the model's own preprocessing (central 87.5% crop,
     # bicubic resize, ImageNet mean/std)
     r = [r for r in rows if r["image"].endswith("im0.png") and r["rank"] == "1"][0]
-    got = np.load(out / r["shard"])[int(r["row"])].astype(np.float32)
+    got = np.load(out / r["shard"])[int(r["row"])].astype(np.float32) * float(r["scale"])
+    np.testing.assert_array_equal(tsgb_ext.open_maps(out).get(r["image"], int(r["target"])), got)
+    # run.json records that preprocessing
+    pre = json.loads((out / "run.json").read_text())["preprocessing"]
+    assert (pre["size"], pre["crop_pct"], pre["interpolation"], pre["resize_mode"]) == \
+        ([64, 64], 0.875, "bicubic", "center")
+    assert pre["mean"] == list(models.IMAGENET_MEAN) and pre["std"] == list(models.IMAGENET_STD)
     rgb = pipeline.open_rgb(str(root / "imgs" / "im0.png"), (64, 64), crop_pct=0.875,
                             interpolation="bicubic")[None]
     mean = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -20,6 +20,7 @@ import sys
 
 from .core.backend import native_available
 from .core.explainer import TSGB
+from .io.maps import open_maps  # noqa: F401 (the reader of map folders; see tsgb_ext.io)
 from .ops.loader import cuda_built, load_error
 
 __version__ = "0.1.0"

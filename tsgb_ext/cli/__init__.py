@@ -8,8 +8,8 @@
 One module per command (:mod:`.demo`, :mod:`.explain`, :mod:`.eval`), each with
 ``register(subparsers)`` (its options; ``set_defaults(func=run)``) and ``run(args) -> int``;
 add a command by adding a module and listing it in :data:`COMMANDS`. Shared checks are in
-:mod:`._common`; the output folder of ``explain`` (shards, index, lock, resume) in :mod:`._store`.
-Nothing else in tsgb_ext imports this package.
+:mod:`._common`; the output folder of ``explain`` (shards, index, lock, resume) is the map store
+of :mod:`tsgb_ext.io.store`. Nothing else in tsgb_ext imports this package.
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``tsgb`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+def main(argv: Optional[Sequence[str]] = None, hooks=None) -> int:
+    """Run the ``tsgb`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+    ``hooks``: a :class:`tsgb_ext.io.StoreHooks` for tests (failpoints of ``explain``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.hooks = hooks
     try:
         return int(args.func(args) or 0)
     except CLIError as e:

@@ -1,10 +1,12 @@
 """What the ``tsgb`` commands share: the error they report (:class:`CLIError`), ``--device``,
-``--backend`` and ``--out`` checks, the TF32 switch, argument types."""
+``--backend`` and ``--out`` checks, the TF32 switch, argument types, file names made safe to
+print (:func:`display`)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import re
 import tempfile
 
 import torch
@@ -95,3 +97,17 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def display(text: str) -> str:
+    """``text`` (a file name) safe to print: control characters and undecodable bytes
+    (surrogate escapes) as ``\\xNN`` / ``\\n``-style escapes."""
+    def esc(m):
+        c = m.group()
+        if "\udc80" <= c <= "\udcff":
+            return f"\\x{ord(c) - 0xdc00:02x}"
+        return c.encode("unicode_escape").decode("ascii")
+    return _CONTROL.sub(esc, text)

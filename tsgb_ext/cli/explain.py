@@ -1,18 +1,9 @@
 """``tsgb explain INPUT... --out DIR``: TSGB maps of whole collections of images.
 
-Outputs in DIR (the storage rules, lock and resume are in :mod:`tsgb_ext.cli._store`):
-
-* ``shards/<RUN>-r<RANK>-<SEQ>.npy``: float16 (``--map-dtype``) arrays (M, H, W), one map per row
-  (``--format npy``), and ``shards/<RUN>-r<RANK>-<SEQ>.csv``: the shard's index rows, each
-  file written whole or not at all; a shard holds all the targets of each of its images;
-* ``png/<name>-<hash>.png``: one overlay figure per image (``--format png``);
-* ``index.csv``: one row per image and target: ``image, target, class_name, score, rank,
-  shard, row, png`` (``numpy.load(DIR/shard)[row]`` is that map; ``rank`` is the target's place
-  among the image's targets, 1 = first), sorted by image, then rank; written at the end (and
-  when a one-process run is interrupted) from the shards' row files. ``--resume`` skips the
-  images whose shard is complete: an interrupted run loses at most the shard in progress.
-* ``failed.csv``: images that could not be read or explained (path, error); ``run.json``: the
-  run marker (its id and options); ``.tsgb.lock``: the writer's lock.
+DIR is a map store: its layout (shards, ``index.csv``, ``run.json``, ``failed.csv``, ``png/``,
+the lock), the storage rules and resume are :mod:`tsgb_ext.io.store`'s, and
+``tsgb_ext.open_maps(DIR)`` reads it. This module keeps the options, the ranks, the messages
+that name flags, and the summary.
 
 Under ``torchrun --nproc-per-node K`` (``WORLD_SIZE`` > 1) each rank takes every K-th image and
 writes its own shards; rank 0 holds the lock and writes the index at the end. CPU: gloo; CUDA:
@@ -21,7 +12,6 @@ nccl, one process per GPU (``cuda:LOCAL_RANK``).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import itertools
 import os
@@ -34,9 +24,17 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import _store
-from ._common import BACKENDS, CLIError, check_backend, resolve_device
-from ._store import COLUMNS, INDEX, StoreError, display  # noqa: F401 (COLUMNS: API)
+from ..io import store as map_store
+from ..io.labels import LabelsError, class_id, read_labels
+from ..io.store import COLUMNS, INDEX, MAP_DTYPES, StoreError  # noqa: F401 (COLUMNS: API)
+from ._common import BACKENDS, CLIError, check_backend, display, resolve_device
+
+#: How the store's errors name its arguments here.
+FLAGS = {"out": "--out", "resume": "--resume"}
+
+
+def _store_error(e: StoreError) -> CLIError:
+    return CLIError(e.render(FLAGS))
 
 
 def _warn(msg: str) -> None:
@@ -93,9 +91,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "explain", help="TSGB maps of many images: npy shards + index.csv and/or PNG overlays",
         description="Explain image files and folders (searched recursively) with TSGB. Writes "
-                    "float16 (or float32) maps in npy shards with DIR/index.csv (one row per image and "
-                    "target; numpy.load(DIR/shard)[row] is the map) and/or PNG overlays. Runs "
-                    "on one process, or under torchrun (one process per GPU, gloo on CPU).")
+                    "maps in npy shards with DIR/index.csv (one row per image and target; "
+                    "tsgb_ext.open_maps(DIR) reads them) and/or PNG overlays. Runs on one "
+                    "process, or under torchrun (one process per GPU, gloo on CPU).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory (created; locked while the run writes it; a folder "
@@ -142,10 +140,10 @@ def register(sub) -> None:
                    help="npy (default) and/or png; repeat or give 'npy,png'")
     g.add_argument("--shard-size", type=_int_at_least(1), default=256, metavar="MAPS",
                    help="maps per npy shard (default 256)")
-    g.add_argument("--map-dtype", choices=MAP_DTYPES, default="float16",
-                   help="dtype of the npy maps: float16 (default: half the disk; values below "
-                        "6.1e-5 are float16 subnormals with fewer significant bits, and the "
-                        "maps of some models peak near 1e-4) or float32 (as computed)")
+    g.add_argument("--map-dtype", choices=tuple(MAP_DTYPES), default="float16",
+                   help="dtype of the npy maps: float16 (default: half the disk; each map "
+                        "scaled by a power of two kept in index.csv, so small maps keep "
+                        "float16's 11 significant bits) or float32 (as computed)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run DIR holds (same options): skip its complete images")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -169,42 +167,19 @@ def safe_name(rel: str, key: str, max_len: int = 80) -> str:
     return f"{stem}-{hashlib.sha1(key.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
-def _inside(root: str, path: str) -> str:
-    full = os.path.realpath(os.path.join(root, path))
-    if os.path.commonpath([os.path.realpath(root), full]) != os.path.realpath(root):
-        raise CLIError(f"refusing to write outside --out: {path!r}")  # pragma: no cover
-    return full
-
-
 def _load_labels(path: str, items, num_classes: int, names) -> Dict[str, List[int]]:
-    """{absolute image path: [class ids]} from a CSV with columns image,class."""
-    if not os.path.isfile(path):
-        raise CLIError(f"--labels {path}: no such file")
-    lookup = {n: i for i, n in enumerate(names)} if names else {}
-    by_key: Dict[str, List[int]] = {}
+    """{absolute image path: [class ids]} from a label file (CSV with columns image,class;
+    see :mod:`tsgb_ext.io.labels`). Keys match an image by absolute path, path relative to
+    the CSV's folder, path below its INPUT, or file name."""
+    try:
+        entries = read_labels(path)
+        by_key: Dict[str, List[int]] = {}
+        for e in entries:
+            by_key.setdefault(e.key, []).append(
+                class_id(e.value, names, num_classes, f"{path}, {e.where}"))
+    except LabelsError as e:
+        raise CLIError(f"--labels {e}") from None
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "image" not in cols or "class" not in cols:
-            raise CLIError(f"--labels {path}: needs a header with columns 'image' and 'class', "
-                           f"got {reader.fieldnames}")
-        reader.fieldnames = cols
-        for line, row in enumerate(reader, start=2):
-            img, cls = (row.get("image") or "").strip(), (row.get("class") or "").strip()
-            if not img or not cls:
-                raise CLIError(f"--labels {path}, line {line}: empty image or class")
-            if re.fullmatch(r"-?\d+", cls):
-                c = int(cls)
-                if not 0 <= c < num_classes:
-                    raise CLIError(f"--labels {path}, line {line}: class id {c} is not in "
-                                   f"[0, {num_classes}) for this model")
-            elif cls in lookup:
-                c = lookup[cls]
-            else:
-                raise CLIError(f"--labels {path}, line {line}: {cls!r} is neither a class id "
-                               f"nor a class name of this model")
-            by_key.setdefault(img.replace("\\", "/"), []).append(c)
     out: Dict[str, List[int]] = {}
     for it in items:
         rel_to_csv = os.path.relpath(it.path, base).replace(os.sep, "/")
@@ -222,62 +197,43 @@ def _dist_info() -> Tuple[int, int, int]:
     return world, rank, local
 
 
-# ----------------------------------------------------------------------- the writer ----
-MAP_DTYPES = {"float16": np.float16, "float32": np.float32}
+# ------------------------------------------------------------------------ overlays ----
+#: The longest side of an overlay's panels, in pixels (larger photos are shown reduced).
+OVERLAY_MAX_SIDE = 1024
 
 
-class _Writer:
-    """Buffers the maps and rows of whole images; when the buffer holds ``shard_size`` maps,
-    commits them as one shard (npy, then its row file; see :meth:`_store.Store.write_part`)."""
-
-    def __init__(self, store: _store.Store, rank: int, shard_size: int, npy: bool,
-                 stop_after: Optional[int], map_dtype: str = "float16"):
-        self.store, self.rank, self.map_dtype = store, rank, MAP_DTYPES[map_dtype]
-        self.shard_size, self.npy, self.stop_after = shard_size, npy, stop_after
-        self.seq = store.next_seq(rank)
-        self.maps: List[np.ndarray] = []
-        self.rows: List[Dict[str, object]] = []
-        self.shards_written = 0
-        self.maps_written = 0
-        self.images_written = 0
-
-    def add(self, rows: List[Dict[str, object]], maps: Optional[np.ndarray]) -> None:
-        """All the rows (and maps) of one image."""
-        if self.npy:
-            self.maps.extend(list(maps))
-        self.rows.extend(rows)
-        if len(self.rows) >= self.shard_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        name = f"{self.store.run_id}-r{self.rank}-{self.seq:06d}"
-        maps = None
-        if self.npy:
-            maps = np.stack(self.maps).astype(self.map_dtype)
-            for i, r in enumerate(self.rows):
-                r["shard"], r["row"] = f"{_store.SHARDS}/{name}.npy", i
-        self.store.write_part(name, self.rows, maps)
-        self.seq += 1
-        self.maps_written += len(self.rows)
-        self.images_written += len({r["image"] for r in self.rows})
-        self.maps, self.rows = [], []
-        self.shards_written += 1
-        if self.stop_after is not None and self.shards_written >= self.stop_after:
-            raise _Interrupted()
+def _on_image_grid(path: str, rgb: torch.Tensor, maps: torch.Tensor, pre):
+    """The photo at ``path`` and ``maps`` (T, h, w) placed back on its pixel grid
+    (:meth:`Preprocessing.place`), both reduced to at most :data:`OVERLAY_MAX_SIDE` pixels;
+    the model's input ``rgb`` and the maps as they are when the photo cannot be read again."""
+    from ..io.images import read_rgb, rgb_tensor
+    try:
+        photo = rgb_tensor(read_rgb(path))
+    except Exception:  # noqa: BLE001 - gone or changed since it was explained
+        return rgb, maps
+    H, W = photo.shape[-2:]
+    placed = torch.from_numpy(np.stack([pre.place(m, (H, W)) for m in maps.float().cpu().numpy()]))
+    f = OVERLAY_MAX_SIDE / max(H, W)
+    if f < 1:
+        size = (max(1, round(H * f)), max(1, round(W * f)))
+        photo = torch.nn.functional.interpolate(photo[None], size=size, mode="bilinear",
+                                                antialias=True, align_corners=False)[0]
+        placed = torch.nn.functional.interpolate(placed[None], size=size, mode="bilinear",
+                                                 antialias=True, align_corners=False)[0]
+    return photo.clamp(0, 1), placed
 
 
-def _png(store: _store.Store, name: str, rgb: torch.Tensor, maps: torch.Tensor,
-         titles: List[str], image_title: str) -> str:
+def _png(job: "_Job", it, rgb: torch.Tensor, maps: torch.Tensor, titles: List[str]) -> str:
+    """The overlay figure of one image (its maps on the photo's own pixel grid), written
+    atomically to ``png/<name>-<hash>.png``; returns that path relative to DIR."""
     from .. import viz
-    fig = viz.explanation_figure(rgb, maps, titles, image_title=display(image_title)[:60],
+    photo, placed = _on_image_grid(it.path, rgb, maps, job.pre)
+    fig = viz.explanation_figure(photo, placed, titles, image_title=display(it.rel)[:60],
                                  suptitle="TSGB: red = evidence for the class, blue = against")
-    rel = f"{_store.PNG}/{name}.png"
-    _inside(store.out, rel)
+    rel = f"{map_store.PNG}/{safe_name(it.rel, it.path)}.png"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        store.write_png(rel, lambda f: fig.savefig(f, dpi=100, format="png"))
+        job.store.write_png(rel, lambda f: fig.savefig(f, dpi=100, format="png"))
     return rel
 
 
@@ -351,7 +307,8 @@ class _Job:
         self.npy = "npy" in v["formats"]
         self.world, self.rank, self.local = _dist_info()
         self.taken: Optional[str] = None       # DIR, once rank 0 may have written to it
-        self.store: Optional[_store.Store] = None
+        self.store: Optional[map_store.MapStore] = None
+        self.hooks: Optional[map_store.StoreHooks] = getattr(args, "hooks", None)
         self.dist = None
         self.barrier: Callable[[], None] = lambda: None
 
@@ -370,16 +327,16 @@ class _Job:
 
     def check_output(self) -> None:
         try:
-            self.out = _store.check_out_path(self.args.out)   # nothing is created yet
+            self.out = map_store.check_out_path(self.args.out)   # nothing is created yet
         except StoreError as e:
-            raise CLIError(str(e)) from None
-        _store.fault("start")
+            raise _store_error(e) from None
+        self.hook("start")
 
     def find_images(self) -> None:
         from ..data import pipeline
         out = self.out
         # the output folder (and its png/, shards/) is never searched for inputs
-        exclude = [out, os.path.join(out, _store.PNG), os.path.join(out, _store.SHARDS)]
+        exclude = [out, os.path.join(out, map_store.PNG), os.path.join(out, map_store.SHARDS)]
         try:
             self.items = pipeline.list_images(self.args.inputs, exclude=exclude)
         except OSError as e:
@@ -398,9 +355,9 @@ class _Job:
             raise CLIError(str(e)) from None
         _check_finite(self.loaded.model, f"--weights {args.weights}" if args.weights
                       else f"--model {args.model}")
-        _store.fault("model")
-        self.size = args.size or self.loaded.size
-        self.mean, self.std = args.mean or self.loaded.mean, args.std or self.loaded.std
+        self.hook("model")
+        self.pre = self.loaded.preprocessing(args.size, args.mean, args.std)
+        self.size, self.mean, self.std = self.pre.size, self.pre.mean, self.pre.std
         self.num_classes = _num_classes(self.loaded.model, self.size, args.model)
         names = self.loaded.class_names
         self.names = names if names and len(names) == self.num_classes \
@@ -421,8 +378,7 @@ class _Job:
                        if args.weights else None, "size": list(self.size),
                        "mean": list(self.mean), "std": list(self.std), "target": args.target,
                        "top_k": args.top_k,
-                       "labels": os.path.abspath(args.labels) if args.labels else None,
-                       "formats": sorted(v["formats"]), "map_dtype": args.map_dtype}
+                       "labels": os.path.abspath(args.labels) if args.labels else None}
         if args.top_k:
             self.expected: Callable[[str], Optional[int]] = lambda p: args.top_k
         elif labels is not None:
@@ -456,19 +412,27 @@ class _Job:
             if self.store is not None:
                 self.store.close()
 
+    def hook(self, step: str) -> None:
+        """The test failpoint ``step`` (only when a test passed hooks to ``cli.main``)."""
+        if self.hooks is not None:
+            self.hooks.reached(step)
+
     def open_output(self) -> set:
         """Rank 0 takes DIR (lock, ownership, run marker, cleanup); every rank learns the
         result. Returns the images already done (resume)."""
         from .. import __version__
         msg: Optional[dict] = None
+        kw = dict(map_dtype=self.args.map_dtype, shard_size=self.args.shard_size,
+                  expected=self.expected, hooks=self.hooks)
         if self.rank == 0:
             try:
-                self.store, state = _store.open_output(self.out, self.config, self.args.resume,
-                                                       self.npy, self.expected, _warn,
-                                                       __version__)
-                msg = {"ok": True, "run_id": self.store.run_id, "done": sorted(state.done)}
+                self.store = map_store.MapStore.open(
+                    self.out, preprocessing=self.pre, config=self.config,
+                    resume=self.args.resume, formats=sorted(self.v["formats"]), warn=_warn,
+                    version=__version__, **kw)
+                msg = {"ok": True, "run_id": self.store.run_id, "done": sorted(self.store.done)}
             except StoreError as e:
-                msg = {"ok": False, "error": str(e)}
+                msg = {"ok": False, "error": _store_error(e).args[0]}
         if self.dist:
             box = [msg]
             self.dist.broadcast_object_list(box, src=0)
@@ -478,12 +442,13 @@ class _Job:
                 self.dist.destroy_process_group()
             raise CLIError(msg["error"])
         if self.store is None:
-            self.store = _store.Store(self.out, msg["run_id"])
+            self.store = map_store.MapStore.attach(self.out, msg["run_id"], self.rank,
+                                                   npy=self.npy, **kw)
         return set(msg["done"])
 
     def interrupted(self) -> int:
         out = self.taken
-        if out and _store.read_marker(str(out)) is not None:
+        if out and map_store.read_marker(str(out)) is not None:
             _warn(f"interrupted: the complete images are kept; run the same command with "
                   f"--resume to complete {display(str(out))}")
         else:
@@ -520,12 +485,10 @@ def _explain_images(job: _Job, done: set) -> int:
     todo, unlabelled = _images_to_do(job, done)
     job.barrier()  # rank 0 has cleaned DIR before any rank writes to it
     mine = todo[job.rank::job.world]
-    writer = _Writer(job.store, job.rank, job.args.shard_size, job.npy,
-                     job.args.stop_after_shards, job.args.map_dtype)
     tally = _Tally()
     t0 = time.perf_counter()
-    if not _explain_loop(job, mine, writer, tally):
-        return _report_interrupt(job, writer)
+    if not _explain_loop(job, mine, tally):
+        return _report_interrupt(job)
     return _finish(job, tally, time.perf_counter() - t0, done, unlabelled)
 
 
@@ -551,17 +514,17 @@ def _target_spec(job: _Job):
     return "top1", None
 
 
-def _explain_loop(job: _Job, mine, writer: _Writer, tally: _Tally) -> bool:
-    """Explain ``mine`` batch by batch into ``writer``; False when interrupted."""
+def _explain_loop(job: _Job, mine, tally: _Tally) -> bool:
+    """Explain ``mine`` batch by batch into the store; False when interrupted."""
     from tqdm import tqdm
 
     from ..data import pipeline
     args, dev = job.args, job.dev
-    ds = pipeline.ImageFileDataset(mine, job.size, **job.loaded.resize_options())
+    ds = pipeline.ImageFileDataset(mine, job.pre)
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                      collate_fn=pipeline.collate, pin_memory=dev.type == "cuda",
                                      persistent_workers=False,
-                                     worker_init_fn=_store.close_inherited_locks)
+                                     worker_init_fn=map_store.close_inherited_locks)
     target, top_k = _target_spec(job)
     bar = tqdm(total=len(mine), unit="img",
                desc="tsgb explain" + (f" [rank {job.rank}]" if job.world > 1 else ""),
@@ -574,9 +537,9 @@ def _explain_loop(job: _Job, mine, writer: _Writer, tally: _Tally) -> bool:
         with TSGB(model, backend=job.backend) as ex:
             for res in pipeline.explain_batches(ex, dl, target=target, top_k=top_k, device=dev,
                                                 amp=args.amp, mean=job.mean, std=job.std):
-                _write_batch(job, ds, res, writer, tally)
+                _write_batch(job, ds, res, tally)
                 bar.update(len(res.meta["path"]) + len(res.meta["failed"]))
-        writer.flush()
+        job.store.flush()
     except (_Interrupted, KeyboardInterrupt):
         return False
     finally:
@@ -584,53 +547,47 @@ def _explain_loop(job: _Job, mine, writer: _Writer, tally: _Tally) -> bool:
     return True
 
 
-def _write_batch(job: _Job, ds, res, writer: _Writer, tally: _Tally) -> None:
-    """One explained batch: its failures noted, each image's rows (and maps, PNG) written."""
+def _write_batch(job: _Job, ds, res, tally: _Tally) -> None:
+    """One explained batch: its failures noted, each image's rows (and maps, PNG) added to
+    the store; stops (like a kill) after ``--stop-after-shards`` shards."""
     meta = res.meta
     for path, err in meta["failed"]:
         tally.fail(path, err)
     tally.backend = res.backend
-    host = res.numpy(writer.map_dtype) if res.maps.shape[0] else None
-    finite = (torch.isfinite(res.maps).flatten(2).all(2).cpu().numpy()
-              if res.maps.shape[0] else None)
+    host = res.numpy(np.float32) if res.maps.shape[0] else None
     for b, path in enumerate(meta["path"]):
         valid = host["valid"][b]
-        if not finite[b][valid].all():
+        maps = host["maps"][b][valid]
+        if not np.isfinite(maps).all():
             tally.fail(path, "the map is not finite (NaN or inf): check the model and its "
                              "weights")
             continue
-        rows = _image_rows(job, ds.items[meta["index"][b]], res, host, b)
-        writer.add(rows, host["maps"][b][valid] if job.npy else None)
+        it = ds.items[meta["index"][b]]
+        cls = [int(c) for c in host["targets"][b][valid]]
+        sc = [float(x) for x in host["scores"][b][valid]]
+        png = ""
+        if "png" in job.v["formats"]:
+            titles = [f"{job.names[c]}  p={x:.2f}" for c, x in zip(cls, sc)]
+            png = _png(job, it, res.inputs[b], torch.from_numpy(maps), titles)
+        rows = job.store.add_image(path, maps if job.npy else None, cls, scores=sc,
+                                   class_names=job.names, rel=it.rel, given=it.given, png=png)
         tally.maps += len(rows)
         tally.images += 1
+        stop = job.args.stop_after_shards
+        if stop is not None and job.store.shards_written >= stop:
+            raise _Interrupted()
 
 
-def _image_rows(job: _Job, it, res, host, b: int) -> List[Dict[str, object]]:
-    """The index rows of image ``b`` of a batch (its PNG written when asked for)."""
-    valid = host["valid"][b]
-    cls = [int(c) for c, ok in zip(host["targets"][b], valid) if ok]
-    sc = [float(s) for s, ok in zip(host["scores"][b], valid) if ok]
-    names = job.names
-    png = ""
-    if "png" in job.v["formats"]:
-        titles = [f"{names[c]}  p={s:.2f}" for c, s in zip(cls, sc)]
-        rgb = res.inputs[b]  # the [0, 1] RGB the model saw
-        png = _png(job.store, safe_name(it.rel, it.path), rgb,
-                   res.maps[b][torch.as_tensor(valid, device=res.maps.device)], titles, it.rel)
-    return [{"image": res.meta["path"][b], "target": c, "class_name": names[c],
-             "score": f"{s:.6g}", "rank": j + 1, "shard": "", "row": "", "png": png}
-            for j, (c, s) in enumerate(zip(cls, sc))]
-
-
-def _report_interrupt(job: _Job, writer: _Writer) -> int:
+def _report_interrupt(job: _Job) -> int:
+    store = job.store
     if job.world == 1:  # one process: index.csv holds every complete image
         try:
-            job.store.write_index(job.store.scan(job.npy, job.expected).parts)
+            store.index_committed()
         except KeyboardInterrupt:
             pass
-    _warn(f"interrupted: {writer.maps_written} maps of {writer.images_written} images are "
+    _warn(f"interrupted: {store.maps_written} maps of {store.images_written} images are "
           f"written in this run (every complete image is kept); run the same command with "
-          f"--resume to complete {display(job.store.out)}")
+          f"--resume to complete {display(store.out)}")
     return 130
 
 
@@ -655,10 +612,8 @@ def _finish(job: _Job, tally: _Tally, dt: float, done: set, unlabelled: List[str
 def _write_summary(job: _Job, gathered: List[dict], tally: _Tally, done: set,
                    unlabelled: List[str]) -> None:
     store, out = job.store, job.store.out
-    state = store.scan(job.npy, job.expected, cleanup=True, warn=_warn)
-    total_rows = store.write_index(state.parts)
-    all_failed = sorted(f for s in gathered for f in s["failed"])
-    store.write_failed(all_failed)
+    all_failed = sorted(tuple(f) for s in gathered for f in s["failed"])
+    total_rows = store.commit_index(failed=all_failed, warn=_warn)
     imgs = sum(s["images"] for s in gathered)
     maps = sum(s["maps"] for s in gathered)
     secs = max(s["seconds"] for s in gathered)
@@ -676,4 +631,4 @@ def _write_summary(job: _Job, gathered: List[dict], tally: _Tally, done: set,
     if imgs + len(done) == 0:
         print(f"tsgb explain: error: no image could be explained ({len(all_failed)} "
               f"unreadable, {len(unlabelled)} not in --labels; see "
-              f"{display(os.path.join(out, _store.FAILED))})", file=sys.stderr)
+              f"{display(os.path.join(out, map_store.FAILED))})", file=sys.stderr)

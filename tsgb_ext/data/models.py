@@ -23,7 +23,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..io.preprocess import INTERPOLATIONS, Preprocessing, crop_and_resize  # noqa: F401 (API)
 
 IMAGE_SIZE = 224
 #: Per-channel mean and std on [0, 1] RGB input (TF EfficientNet-Lite: (x*255 - 127) / 128).
@@ -98,10 +99,6 @@ def _to_float_hwc(image) -> torch.Tensor:
     raise TypeError(f"expected a uint8 or float image, got dtype {arr.dtype}")
 
 
-#: Resampling filters of :func:`load_rgb` (timm's ``interpolation`` names).
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-
-
 def load_rgb(image, size: Union[int, Tuple[int, int]] = IMAGE_SIZE,
              device: Union[str, torch.device] = "cpu", crop_pct: float = 1.0,
              interpolation: str = "bilinear", crop_mode: str = "center") -> torch.Tensor:
@@ -112,32 +109,11 @@ def load_rgb(image, size: Union[int, Tuple[int, int]] = IMAGE_SIZE,
     the central ``crop_pct`` of that crop (timm's eval transform: resize to ``size /
     crop_pct``, then a central crop of ``size``); ``crop_mode="squash"`` takes the whole image
     instead of the aspect-ratio crop (timm's squash mode). ``interpolation``: one of
-    :data:`INTERPOLATIONS` (antialiased when downscaling, except ``nearest``).
+    :data:`INTERPOLATIONS` (antialiased when downscaling, except ``nearest``). The geometry is
+    :class:`tsgb_ext.io.preprocess.Preprocessing`'s.
     """
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    h, w = (size, size) if isinstance(size, int) else size
     t = _to_float_hwc(image).permute(2, 0, 1)[None].to(device)
-    H, W = t.shape[-2:]
-    if crop_mode == "squash":
-        ch, cw = H, W
-    elif H * w > W * h:   # too tall: crop rows
-        ch, cw = max(1, round(W * h / w)), W
-    else:               # too wide: crop columns
-        ch, cw = H, max(1, round(H * w / h))
-    if crop_pct < 1:
-        ch, cw = max(1, round(ch * crop_pct)), max(1, round(cw * crop_pct))
-    top, left = (H - ch) // 2, (W - cw) // 2
-    t = t[..., top:top + ch, left:left + cw]
-    if (ch, cw) != (h, w):
-        if interpolation == "nearest":
-            t = F.interpolate(t, size=(h, w), mode="nearest")
-        else:
-            t = F.interpolate(t, size=(h, w), mode=interpolation, align_corners=False,
-                              antialias=True)
-    return t.clamp_(0, 1)
+    return crop_and_resize(t, size, crop_pct, interpolation, crop_mode)
 
 
 def normalize(rgb: torch.Tensor) -> torch.Tensor:
@@ -191,6 +167,13 @@ class LoadedModel:
     def resize_options(self) -> dict:
         return {"crop_pct": self.crop_pct, "interpolation": self.interpolation,
                 "crop_mode": self.crop_mode}
+
+    def preprocessing(self, size=None, mean=None, std=None) -> Preprocessing:
+        """What maps an image's pixels to this model's input (and map) pixels; ``size``,
+        ``mean``, ``std`` override the model's."""
+        return Preprocessing(size=tuple(size or self.size), resize_mode=self.crop_mode,
+                             crop_pct=self.crop_pct, interpolation=self.interpolation,
+                             mean=tuple(mean or self.mean), std=tuple(std or self.std))
 
     def __repr__(self) -> str:
         extra = ("" if (self.crop_pct, self.interpolation, self.crop_mode)

@@ -9,7 +9,11 @@
                                         std=loaded.std, device="cuda"):
         out.maps      # (B, 3, H, W) on cuda: the maps of each image's 3 top classes
         out.targets   # (B, 3) class ids, out.scores (B, 3) softmax probabilities
-        out.meta      # the batch's other fields (here "index", "path", "failed")
+        out.meta      # the batch's other fields (here "index", "path", "rel", "given",
+                      # "failed")
+
+Writing the maps to a folder that ``tsgb_ext.open_maps`` reads (resumable, like ``tsgb
+explain``'s): :class:`tsgb_ext.io.MapStore` (``store.add_batch(out)`` for each result).
 
 ``explain_batches`` takes any iterable of batches: tensors (N, 3, H, W), ``(x, ...)`` tuples or
 dicts with an ``"image"`` entry (like :func:`collate`'s). Targets: ``"top1"`` (default),
@@ -19,153 +23,37 @@ of an image come from one forward pass of the model (and T backward passes).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import os
-import stat
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..core.explainer import TSGB
-
-#: File name extensions (lower case) taken as images when a folder is searched.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm", ".pbm")
+from ..io.images import IMAGE_EXTENSIONS, ImageItem, list_images, open_rgb  # noqa: F401 (API)
+from ..io.preprocess import Preprocessing
 
 
 # ---------------------------------------------------------------------------- inputs ----
-@dataclasses.dataclass(frozen=True)
-class ImageItem:
-    """One input image: ``path`` (absolute), ``rel`` (its path below the INPUT it was found in,
-    or its file name for an INPUT that is a file)."""
-    path: str
-    rel: str
-
-
-def _regular_file(path: str) -> bool:
-    """True for a regular file (after resolving symlinks): never a FIFO, socket or device,
-    whose ``open()`` could block forever."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
-def list_images(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                exclude: Sequence[str] = ()) -> List[ImageItem]:
-    """The image files named by ``inputs`` (files, or folders searched recursively), in a
-    stable order (sorted), each once. Files named explicitly are taken whatever their extension;
-    folders contribute files with one of ``extensions``. Only regular files are taken (symlinks
-    to them included; FIFOs, sockets and devices never). Folders in ``exclude`` (e.g. an output
-    folder) are skipped when the search meets them (a folder named in ``inputs`` is always
-    searched). Raises FileNotFoundError for a missing input or one that is neither a regular
-    file nor a folder."""
-    seen = set()
-    items: List[ImageItem] = []
-    exts = tuple(e.lower() for e in extensions)
-    skip = {os.path.realpath(os.path.abspath(os.path.expanduser(d))) for d in exclude}
-    for inp in inputs:
-        ap = os.path.abspath(os.path.expanduser(inp))
-        if os.path.isdir(ap):
-            found = []
-            for root, dirs, files in os.walk(ap):
-                dirs[:] = sorted(d for d in dirs
-                                 if os.path.realpath(os.path.join(root, d)) not in skip)
-                for f in sorted(files):
-                    if f.lower().endswith(exts):
-                        p = os.path.join(root, f)
-                        if _regular_file(p):
-                            found.append((p, os.path.relpath(p, ap)))
-        elif _regular_file(ap):
-            found = [(ap, os.path.basename(ap))]
-        elif os.path.exists(ap):
-            raise FileNotFoundError(f"input {inp!r}: not a regular file or a directory")
-        else:
-            raise FileNotFoundError(f"input {inp!r}: no such file or directory")
-        for p, rel in found:
-            if p not in seen:
-                seen.add(p)
-                items.append(ImageItem(p, rel.replace(os.sep, "/")))
-    items.sort(key=lambda it: it.path)
-    return items
-
-
-#: Pillow modes with 16 bits per pixel (grey): scaled to [0, 1] by 65535, not clipped at 255.
-_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def _open_regular(path: str):
-    """``path`` opened for reading, only if it is a regular file: opened non-blocking first, so a
-    FIFO (or a file swapped for one) raises instead of blocking forever."""
-    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK))
-    try:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(f"not a regular file: {path!r}")
-        os.set_blocking(f.fileno(), True)
-        return f
-    except BaseException:
-        f.close()
-        raise
-
-
-@contextlib.contextmanager
-def _identified(path: str):
-    """Pillow's "cannot identify image file" error names the path, not the file object."""
-    from PIL import UnidentifiedImageError
-    try:
-        yield
-    except UnidentifiedImageError:
-        raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
-
-
-def open_rgb(path: str, size: Tuple[int, int], **resize) -> torch.Tensor:
-    """Decode the image at ``path`` to a (3, h, w) float [0, 1] tensor (central crop to the
-    aspect ratio of ``size`` = (h, w), then an antialiased resize).
-
-    Untrusted files: Pillow's decompression-bomb guard stays on and its warning (an image of
-    more than ``Image.MAX_IMAGE_PIXELS`` pixels) is an error here; truncated files raise
-    (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False); only regular files are opened (a FIFO
-    raises). JPEGs are decoded at a reduced scale (``draft``) when they are far larger than
-    ``size``. 16-bit grey images (Pillow modes ``I;16*``) are scaled by their full range
-    (65535 = white); 32-bit integer and float images (modes ``I``, ``F``), whose range is
-    unknown, raise ``ValueError``; every other mode is converted to RGB by Pillow.
-    ``resize``: ``crop_pct``, ``interpolation``, ``crop_mode`` of ``models.load_rgb`` (a timm
-    model's own preprocessing, ``LoadedModel.resize_options()``).
-    """
-    from PIL import Image
-
-    from .models import load_rgb
-    if Image.MAX_IMAGE_PIXELS is None:  # someone switched the guard off: put it back
-        Image.MAX_IMAGE_PIXELS = 89_478_485
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with _open_regular(path) as fh, _identified(path), Image.open(fh) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (2 * size[1], 2 * size[0]))
-            if im.mode in _MODES_16BIT:
-                arr = np.asarray(im).astype(np.float32) / 65535.0
-            elif im.mode in ("I", "F"):
-                raise ValueError(f"unsupported pixel mode {im.mode} (32-bit "
-                                 f"{'integer' if im.mode == 'I' else 'float'}, range unknown): "
-                                 f"convert the image to 8 or 16 bits")
-            else:
-                arr = np.array(im.convert("RGB"))
-    return load_rgb(arr, size, **resize)[0]
-
-
 class ImageFileDataset(torch.utils.data.Dataset):
     """Images from files as (3, h, w) [0, 1] RGB tensors; a file that cannot be decoded gives
-    ``{"image": None, "error": "..."}`` instead of raising (see :func:`collate`)."""
+    ``{"image": None, "error": "..."}`` instead of raising (see :func:`collate`).
 
-    def __init__(self, items: Sequence[Union[ImageItem, str]], size: Union[int, Tuple[int, int]],
-                 **resize):
-        self.items = [it if isinstance(it, ImageItem) else ImageItem(os.path.abspath(it),
-                                                                     os.path.basename(it))
-                      for it in items]
+    ``size``: (h, w), an int, or a :class:`~tsgb_ext.io.preprocess.Preprocessing` (its size
+    and crop / interpolation); ``resize``: ``crop_pct``, ``interpolation``, ``crop_mode`` of
+    :func:`~tsgb_ext.io.images.open_rgb`. Items are :class:`ImageItem` or paths."""
+
+    def __init__(self, items: Sequence[Union[ImageItem, str]],
+                 size: Union[int, Tuple[int, int], Preprocessing], **resize):
+        self.items = [it if isinstance(it, ImageItem) else
+                      ImageItem(os.path.abspath(os.fspath(it)), os.path.basename(os.fspath(it)),
+                                os.fspath(it)) for it in items]
+        if isinstance(size, Preprocessing):
+            resize = {**size.resize_options(), **resize}
+            size = size.size
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.resize = resize  # crop_pct / interpolation / crop_mode (see open_rgb)
 
@@ -178,17 +66,21 @@ class ImageFileDataset(torch.utils.data.Dataset):
             img, err = open_rgb(item.path, self.size, **self.resize), None
         except Exception as e:  # corrupt, truncated, too large, unreadable, not an image
             img, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return {"index": i, "path": item.path, "image": img, "error": err}
+        return {"index": i, "path": item.path, "rel": item.rel, "given": item.given,
+                "image": img, "error": err}
 
 
 def collate(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Stack the decodable samples of :class:`ImageFileDataset`: ``image`` (B, 3, h, w),
-    ``index`` and ``path`` of each; ``failed``: [(path, error)] of the others."""
+    ``index``, ``path``, ``rel`` and ``given`` of each; ``failed``: [(path, error)] of the
+    others."""
     ok = [s for s in samples if s["image"] is not None]
     return {
         "image": torch.stack([s["image"] for s in ok]) if ok else torch.zeros(0, 3, 1, 1),
         "index": [s["index"] for s in ok],
         "path": [s["path"] for s in ok],
+        "rel": [s.get("rel", "") for s in ok],
+        "given": [s.get("given", "") for s in ok],
         "failed": [(s["path"], s["error"]) for s in samples if s["image"] is None],
     }
 

@@ -23,6 +23,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..io.images import list_images as find_images, read_rgb, rgb_tensor
+from ..io.labels import LabelsError, class_id, read_labels as read_label_file
+
 METHOD_NAMES = ("tsgb", "gradient", "gradxinput", "guided", "gradcam")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TILE = 224
@@ -75,51 +78,32 @@ VOC_TO_IMAGENET = {
 
 # ------------------------------------------------------------------------ inputs ----
 def class_index(value, names: Sequence[str], where: str) -> int:
-    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
-        i = int(value)
-        if not 0 <= i < len(names):
-            raise BenchmarkError(f"{where}: class index {i} is not in [0, {len(names)})")
-        return i
-    lower = {n.lower(): i for i, n in enumerate(names)}
-    if isinstance(value, str) and value.strip().lower() in lower:
-        return lower[value.strip().lower()]
-    raise BenchmarkError(f"{where}: {value!r} is neither a class index nor an ImageNet class name")
+    """An ImageNet class index or name (any case) -> its index."""
+    try:
+        return class_id(str(value), names, len(names), where)
+    except LabelsError as e:
+        raise BenchmarkError(str(e)) from None
 
 
 def read_labels(path: Optional[str], names: Sequence[str]) -> Dict[str, int]:
-    """``--labels``: JSON ``{key: class}`` or text lines ``key<whitespace>class``; class is an
-    ImageNet index or name. Keys are file names (with or without extension) or object names."""
+    """``--labels``: a label file of :mod:`tsgb_ext.io.labels` (JSON ``{key: class}``, text
+    lines ``key<whitespace>class``, or a CSV with columns image,class); class is an ImageNet
+    index or name. Keys are file names (with or without extension) or object names."""
     if not path:
         return {}
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise BenchmarkError(f"--labels {path}: {e.strerror or e}") from None
-    try:
-        raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise BenchmarkError(f"--labels {path}: the JSON must be an object {{name: class}}")
-    except json.JSONDecodeError:
-        raw = {}
-        for ln, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split(None, 1)
-            if len(parts) != 2:
-                raise BenchmarkError(f"--labels {path}:{ln}: expected 'name class', got {line!r}")
-            raw[parts[0]] = parts[1]
-    return {str(k): class_index(v, names, f"--labels {path} [{k}]") for k, v in raw.items()}
+        entries = read_label_file(path)
+    except LabelsError as e:
+        raise BenchmarkError(f"--labels {e}") from None
+    return {e.key: class_index(e.value, names, f"--labels {path} [{e.key}]") for e in entries}
 
 
 def load_image(path: str):
-    """An image file -> writable RGB uint8 (H, W, 3) numpy array."""
-    import numpy as np
-    from PIL import Image
+    """An image file -> RGB (H, W, 3) numpy array (uint8; float32 on [0, 1] for 16-bit
+    grey), read with the package's one guarded reader (:func:`tsgb_ext.io.images.read_rgb`:
+    regular files only, decompression-bomb guard, truncated files raise)."""
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+        return read_rgb(path)
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds
         raise BenchmarkError(f"cannot read image {path}: {e}") from None
 
@@ -204,10 +188,10 @@ def write_json(path: str, results) -> None:
 
 # -------------------------------------------------------------------------- grid ----
 def list_images(directory: str) -> List[str]:
+    """The images directly in ``directory`` (not its subfolders), sorted."""
     if not os.path.isdir(directory):
         raise BenchmarkError(f"{directory}: not a directory")
-    files = sorted(p for p in glob.glob(os.path.join(directory, "*"))
-                   if os.path.splitext(p)[1].lower() in IMAGE_EXTS and os.path.isfile(p))
+    files = [it.path for it in find_images([directory], IMAGE_EXTS, recursive=False)]
     if not files:
         raise BenchmarkError(f"{directory}: no images ({', '.join(IMAGE_EXTS)})")
     return files
@@ -411,9 +395,7 @@ def run_pointing(directory: str, methods: Sequence[str], classifier: ImageNetCla
 
 def resize_whole(im, dev) -> torch.Tensor:
     """The whole image (no crop) resized to TILE x TILE, [0, 1] RGB (1, 3, TILE, TILE)."""
-    import numpy as np
     import torch.nn.functional as F
-    t = torch.from_numpy(np.ascontiguousarray(im, dtype=np.uint8)).permute(2, 0, 1)[None]
-    t = t.to(dev).float() / 255.0
+    t = rgb_tensor(im)[None].to(dev)
     return F.interpolate(t, size=(TILE, TILE), mode="bilinear", align_corners=False,
                          antialias=True).clamp_(0, 1)
