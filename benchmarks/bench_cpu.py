@@ -7,8 +7,11 @@ Script:
     python benchmarks/bench_cpu.py --quick                  # tiny sizes, harness check
     python benchmarks/bench_cpu.py --memory --batch 1,8     # peak RSS per row, subprocesses
 
-pytest-benchmark (sizes from env TSGB_BENCH_SIZE / TSGB_BENCH_BATCH / TSGB_BENCH_ROUNDS):
-    python -m pytest benchmarks/bench_cpu.py --benchmark-group-by=param:model_name
+pytest-benchmark (sizes from env TSGB_BENCH_SIZE / TSGB_BENCH_BATCH; rounds, time and warm-up
+from pytest-benchmark's own options, after untimed warm-up calls: one per row, two for a
+*_compile row, its eager first call and the compile):
+    python -m pytest benchmarks/bench_cpu.py --benchmark-group-by=param:model_name \
+        --benchmark-min-rounds=5 --benchmark-max-time=10
 """
 from __future__ import annotations
 
@@ -92,11 +95,10 @@ def run_timing(args) -> str:
                     fn, cleanup, note = make_row(row, copy.deepcopy(model), x, t)
                     cleanups.append(cleanup)
                     if row.endswith("_compile"):
-                        tc, counts = time.perf_counter(), compile_counts()
-                        for _ in range(COMPILE_WARMUP):
-                            fn()
-                        note = (f"first {COMPILE_WARMUP} calls (eager, then compile) "
-                                f"{time.perf_counter() - tc:.1f} s, {compile_stats(counts)}; " + note)
+                        counts = compile_counts()
+                        calls, secs = warm_up(row, fn)
+                        note = (f"first {calls} calls (eager, then compile) "
+                                f"{secs:.1f} s, {compile_stats(counts)}; " + note)
                     fns[row], notes[row] = fn, note
                 except Exception as e:  # one failing row must not lose the table
                     failed[row] = fmt_err(e)
@@ -213,24 +215,46 @@ def main(argv=None):
 
 
 # --- pytest-benchmark ------------------------------------------------------------------------
+def warm_up(row: str, fn) -> tuple:
+    """The untimed calls before a row is timed: a compile row's COMPILE_WARMUP (its eager first
+    call, then the call that compiles), one for the others (lazy set-up, first touch of
+    memory). Returns (calls, seconds)."""
+    calls = COMPILE_WARMUP if row.endswith("_compile") else 1
+    tc = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return calls, time.perf_counter() - tc
+
+
 try:
     import pytest
 
     _SIZE = int(os.environ.get("TSGB_BENCH_SIZE", "224"))
     _BATCH = int(os.environ.get("TSGB_BENCH_BATCH", "1"))
-    _ROUNDS = int(os.environ.get("TSGB_BENCH_ROUNDS", "3"))
 
     @pytest.mark.parametrize("row", DEFAULT_ROWS)
     @pytest.mark.parametrize("model_name", ["vgg16", "resnet50"])
     def test_cpu(benchmark, model_name, row):
         import tsgb_ext
+        if "TSGB_BENCH_ROUNDS" in os.environ:
+            pytest.fail("TSGB_BENCH_ROUNDS is no longer read: pass pytest-benchmark's "
+                        "--benchmark-min-rounds=N (and --benchmark-max-time=SECONDS)")
         if row.startswith("native") and not tsgb_ext.native_available():
             pytest.skip("tsgb_ext._C not built")
         model, x, t = _inputs(model_name, _BATCH, _SIZE)
         fn, cleanup, _ = make_row(row, model, x, t)
         try:
-            benchmark.extra_info.update(batch=_BATCH, size=_SIZE, threads=torch.get_num_threads())
-            benchmark.pedantic(fn, rounds=_ROUNDS, warmup_rounds=1)
+            info = dict(batch=_BATCH, size=_SIZE, threads=torch.get_num_threads())
+            if benchmark.enabled:  # (--benchmark-disable: one plain call, as pytest-benchmark does)
+                counts = compile_counts()
+                calls, secs = warm_up(row, fn)
+                info.update(warmup_calls=calls, warmup_s=round(secs, 3))
+                if row.endswith("_compile"):
+                    info["compile"] = compile_stats(counts)
+            benchmark.extra_info.update(info)
+            # benchmark(fn), not pedantic: --benchmark-min-rounds / -max-time / -min-time /
+            # -warmup apply, and the compile is not a timed round
+            benchmark(fn)
         finally:
             cleanup()
 except ImportError:  # pragma: no cover

@@ -28,6 +28,20 @@ EPS = 1e-10
 COMPUTE = torch.float64
 """The rules' arithmetic dtype (``saliency(..., rule_dtype=torch.float32)`` makes the whole
 transcription float32: the yardstick of what float32 arithmetic costs on a model)."""
+JITTER = None
+"""``saliency(..., jitter=(generator, rel))`` sets this: every rule's output gradient, and the
+classifier rule's ``beta``, are multiplied elementwise by ``1 + rel * s`` with random signs
+``s = +-1`` (the same map with a rounding-sized error at each rule: the yardstick of what float64
+rounding costs a map on a model, see ``float64_rounding_spread``)."""
+
+
+def _jitter(t):
+    """``t`` with the relative error ``JITTER`` asks for (``t`` itself when none)."""
+    if JITTER is None:
+        return t
+    gen, rel = JITTER
+    sign = torch.randint(0, 2, t.shape, generator=gen, device=t.device).to(t.dtype) * 2 - 1
+    return t * (1 + rel * sign)
 
 
 def _c(*ts):
@@ -112,7 +126,9 @@ def fc_rule(g, x, W, eps=EPS):
     beta = torch.zeros_like(zp)
     ok = zn.abs() > eps
     beta[ok] = zp[ok] / zn.abs()[ok]
-    return g @ Wp + (g * beta) @ Wn
+    # beta carries the rounding of two long sums: the one scalar per sample and class that
+    # decides how exactly the classifier's relevance sums to zero
+    return g @ Wp + (g * _jitter(beta)) @ Wn
 
 
 # ---- autograd functions: output = the op's own output, backward = the rule -------------------
@@ -128,7 +144,7 @@ class _Rule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, y = ctx.saved_tensors
-        return ctx.rule(g, x, y).to(g.dtype), None, None
+        return _jitter(ctx.rule(g, x, y)).to(g.dtype), None, None
 
 
 def _pair(v):
@@ -232,15 +248,17 @@ def _targets(target, logits):
     return t.view(N, 1) if t.dim() == 1 else t.view(N, -1)
 
 
-def saliency(model, x, target, dtype=torch.float64, rule_dtype=torch.float64):
+def saliency(model, x, target, dtype=torch.float64, rule_dtype=torch.float64, jitter=None):
     """The spec's map on a private copy of ``model`` in ``dtype``, the rules computed in
-    ``rule_dtype``. Returns (N, T, H, W) for (N, T) targets, else (N, 1, H, W), as float64."""
-    global COMPUTE
+    ``rule_dtype`` (``jitter``: see ``JITTER``). Returns (N, T, H, W) for (N, T) targets, else
+    (N, 1, H, W), as float64."""
+    global COMPUTE, JITTER
     old, COMPUTE = COMPUTE, rule_dtype
+    old_jitter, JITTER = JITTER, jitter
     try:
         return _saliency(model, x, target, dtype)
     finally:
-        COMPUTE = old
+        COMPUTE, JITTER = old, old_jitter
 
 
 def _saliency(model, x, target, dtype):
@@ -280,3 +298,26 @@ def reference_saliency_same_forward(model, x, target):
 def plain_float32_saliency(model, x, target):
     """The whole transcription in float32 (forward and rules): a float32 map's yardstick."""
     return saliency(model, x, target, torch.float32, torch.float32)
+
+
+FLOAT64_ULP = torch.finfo(torch.float64).eps  # 2**-52: one unit in the last place at 1.0
+
+
+def float64_rounding_spread(model, x, target, want=None, seeds=(1, 2)):
+    """What float64 rounding costs a map on this model and input: the largest relative L2
+    difference, over ``seeds``, between the float64 reference and the same reference with every
+    rule's output gradient and the classifier's beta given an independent relative error of
+    2**-52 (one ulp at 1.0), of random sign, per element (``jitter``). Two correct float64
+    implementations of the rules differ by errors of that size (other summation orders, fused
+    multiply-adds, BLAS blockings: on inception_v3 the native backend's beta is 2.4 ulp from
+    this module's); where the map amplifies them (the classifier rule makes relevance cancel,
+    every conv rule divides channel sums that then cancel), a correct backend is that far from
+    the reference, and no closer bound is honest."""
+    if want is None:
+        want = reference_saliency(model, x, target)
+    worst = 0.0
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        got = saliency(model, x, target, torch.float64, torch.float64, (gen, FLOAT64_ULP))
+        worst = max(worst, ((got - want).norm() / want.norm().clamp_min(1e-300)).item())
+    return worst

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsgb_ext.evaluation.baselines import GradCAM, Gradient, GradientXInput, GuidedBackprop, make_method
+from tsgb_ext.evaluation.baselines import (MINMAX_EPS, GradCAM, Gradient, GradientXInput,
+                                           GuidedBackprop, make_method)
 
 
 def _cnn(act=nn.ReLU):
@@ -122,3 +123,67 @@ def test_make_method_names():
         assert m.shape == (3, 1, 12, 12), name
     with pytest.raises(ValueError):
         make_method("lime", model)
+
+
+# ---- Grad-CAM against Captum's LayerGradCam (torchvision VGG11, random weights, 128 px) -------
+def test_gradcam_default_layer_is_the_last_conv_block_and_matches_captum():
+    tvm = pytest.importorskip("torchvision.models")
+    captum_attr = pytest.importorskip("captum.attr")
+    torch.manual_seed(0)
+    model = tvm.vgg11(num_classes=10).eval()
+    x = torch.randn(2, 3, 128, 128)
+    t = torch.tensor([3, 7])
+    size = tuple(x.shape[-2:])
+    # Captum's defaults: no ReLU (relu_attributions=False), the layer's 4x4 resolution
+    raw = captum_attr.LayerGradCam(model, model.features).attribute(x, target=t)
+    assert raw.shape == (2, 1, 4, 4) and (raw < 0).any() and (raw > 0).any()
+    interp = captum_attr.LayerAttribution.interpolate
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+    cam = GradCAM(model)
+    got = cam.attribute(x, t)
+    # VGG's features (4x4 at 128 px), not its AdaptiveAvgPool2d(7) that resamples them to 7x7
+    assert cam.layer is model.features
+    want = interp(F.relu(raw), size, "bilinear")  # relu_attributions=True is F.relu
+    assert got.shape == (2, 1, 128, 128)
+    close(got, want)
+    # the layer matters at this size: avgpool's Grad-CAM is another map
+    at_pool = GradCAM(model, layer="avgpool").attribute(x, t)
+    assert ((at_pool - want).norm() / want.norm()).item() > 0.1
+    # Captum's conventions: raw, and its interpolate's default (nearest) mode
+    close(GradCAM(model, relu=False, upsample=None).attribute(x, t), raw)
+    close(GradCAM(model, relu=False, upsample="nearest").attribute(x, t), interp(raw, size))
+
+    # pytorch-grad-cam (written out here, it is not a dependency): relu, per image
+    # (img - min) / (1e-7 + max), bilinear resize (cv2.resize), then that scaling again
+    def scale(c):
+        c = c - c.flatten(1).amin(1).view(-1, 1, 1, 1)
+        return c / (MINMAX_EPS + c.flatten(1).amax(1).view(-1, 1, 1, 1))
+    up = F.interpolate(F.relu(raw), size=size, mode="bilinear", align_corners=False)
+    pgc = scale(F.interpolate(scale(F.relu(raw)), size=size, mode="bilinear", align_corners=False))
+    mm = GradCAM(model, normalize="minmax").attribute(x, t)
+    assert mm.amin() == 0 and mm.amax() <= 1
+    # the two pipelines differ only in where the stabiliser enters: by at most eps / range
+    # (a sample whose map is 0 everywhere stays 0 in both)
+    rng = up.flatten(1).amax(1) - up.flatten(1).amin(1)
+    assert (rng > 0).any()
+    tol = 2 * MINMAX_EPS / rng[rng > 0].min().item() + 1e-6
+    torch.testing.assert_close(mm, pgc, rtol=0, atol=tol)
+    assert _no_hooks(model)
+
+
+def test_gradcam_default_layer_on_resnet_and_options_checked():
+    tvm = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = tvm.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    cam = GradCAM(model)
+    assert cam(x, 2).shape == (1, 1, 64, 64)  # calling the object resolves the layer as well
+    assert cam.layer is model.layer4
+    with pytest.raises(ValueError, match="upsample"):
+        GradCAM(model, upsample="area")
+    with pytest.raises(ValueError, match="normalize"):
+        GradCAM(model, normalize="sum")
+    with pytest.raises(TypeError, match="relu"):
+        GradCAM(model, relu=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -165,20 +165,65 @@ def deferred_checks(x: torch.Tensor, tgt: Optional[torch.Tensor], classes: int) 
 # several threads overlap)
 _tf32_guard = threading.Lock()
 _tf32_depth = 0
-_tf32_saved: Optional[Tuple[bool, bool]] = None
+_tf32_saved: Optional[List[Tuple[object, str, object]]] = None
+
+
+def _has_fp32_precision(obj) -> bool:
+    """Whether ``obj`` (a torch.backends settings object) has the ``fp32_precision`` API of
+    torch >= 2.9."""
+    try:
+        return obj is not None and isinstance(getattr(obj, "fp32_precision"), str)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _tf32_switches() -> List[Tuple[object, str, object]]:
+    """(settings object, attribute, value that turns TF32 off) for each switch to set.
+
+    torch >= 2.9: ``fp32_precision = "ieee"`` on ``torch.backends.cudnn.conv`` and on
+    ``torch.backends.cuda.matmul``. Once a user has set one of those, the legacy
+    ``allow_tf32`` getter raises (torch refuses to read a state the new API set), so the new
+    API is used wherever it exists and the legacy flags only where it does not. (Inside the
+    block the legacy getters may raise for the same reason; outside it every switch is what
+    the user left.)"""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    switches: List[Tuple[object, str, object]] = []
+    conv = getattr(cudnn, "conv", None)
+    if _has_fp32_precision(conv):
+        switches.append((conv, "fp32_precision", "ieee"))
+    else:
+        switches.append((cudnn, "allow_tf32", False))
+    if _has_fp32_precision(matmul):
+        switches.append((matmul, "fp32_precision", "ieee"))
+    else:
+        switches.append((matmul, "allow_tf32", False))
+    return switches
+
+
+def _restore(saved: List[Tuple[object, str, object]]) -> None:
+    for obj, name, value in reversed(saved):
+        setattr(obj, name, value)
 
 
 @contextlib.contextmanager
 def tf32_off(active: bool):
+    """No TF32 in cuDNN convolutions and cuBLAS matmuls inside the block (when ``active``):
+    every switch's value is saved on the first entry and put back, exactly, on the last exit."""
     global _tf32_depth, _tf32_saved
     if not active:
         yield
         return
     with _tf32_guard:
         if _tf32_depth == 0:
-            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+            switches = _tf32_switches()
+            saved = [(obj, name, getattr(obj, name)) for obj, name, _ in switches]
+            try:
+                for obj, name, off in switches:
+                    setattr(obj, name, off)
+            except BaseException:
+                _restore(saved)
+                raise
+            _tf32_saved = saved
         _tf32_depth += 1
     try:
         yield
@@ -186,8 +231,8 @@ def tf32_off(active: bool):
         with _tf32_guard:
             _tf32_depth -= 1
             if _tf32_depth == 0:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = \
-                    _tf32_saved
+                saved, _tf32_saved = _tf32_saved, None
+                _restore(saved)
 
 
 def check_call(x) -> None:

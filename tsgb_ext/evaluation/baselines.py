@@ -9,8 +9,9 @@ an int, N class indices, or an (N, T) tensor (T backward passes share one forwar
 * :class:`GradientXInput`: ``sum_c grad * x`` (Shrikumar et al. 2016).
 * :class:`GuidedBackprop`: the gradient where every ReLU / ReLU6 module also zeroes negative
   incoming gradients (Springenberg et al. 2015), reduced like :class:`Gradient`.
-* :class:`GradCAM`: ``relu(sum_k mean_hw(dS/dA_k) * A_k)`` at a 4-D feature layer, bilinearly
-  upsampled to the input (Selvaraju et al. 2017).
+* :class:`GradCAM`: ``relu(sum_k mean_hw(dS/dA_k) * A_k)`` at the last conv block's output,
+  bilinearly upsampled to the input (Selvaraju et al. 2017); the ReLU, the upsampling and a
+  min-max scaling are options, to match Captum's ``LayerGradCam`` or pytorch-grad-cam.
 
 All of them are pure PyTorch; hooks are removed and ``requires_grad`` of the input restored in
 ``finally`` blocks, so the model is left exactly as it was, also when a call fails.
@@ -154,26 +155,68 @@ def forward_with_hooks(model: nn.Module, x: torch.Tensor, modules, hook) -> None
             h.remove()
 
 
+#: pooling modules that end the feature part of a CNN: a Grad-CAM default layer is never one of
+#: them (torchvision VGG's ``AdaptiveAvgPool2d(7)`` resamples a 4x4 map at 128 px to 7x7)
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
 def _default_cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """The last leaf module whose output is a (N, C, h, w) map with h * w > 1."""
+    """The last conv block's output: of the modules that return a (N, C, h, w) tensor with
+    h * w > 1 (any module but the model itself, adaptive pooling excluded), the one whose forward
+    finishes last. A container finishes after its children, so among the modules returning the
+    same tensor it is the outermost one: torchvision VGG's ``features``, ResNet's ``layer4``,
+    DenseNet's ``features``, Inception v3's ``Mixed_7c`` (Captum's and pytorch-grad-cam's usual
+    choices)."""
     last = []
 
     def rec(mod, inp, out):
-        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
+        if (isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1
+                and not isinstance(mod, _GLOBAL_POOLS)):
             last.append(mod)
 
-    forward_with_hooks(model, x[:1], [m for m in model.modules() if not list(m.children())], rec)
+    forward_with_hooks(model, x[:1], [m for m in model.modules() if m is not model], rec)
     if not last:
-        raise ValueError("GradCAM found no module with a 4-D (N, C, h, w) output; pass layer=")
+        raise ValueError("GradCAM found no module with a 4-D (N, C, h, w) output of more than one "
+                         "position; pass layer=")
     return last[-1]
 
 
-class GradCAM(_GradMethod):
-    """Grad-CAM at ``layer`` (a module or its name; default: the last leaf module with a 4-D
-    spatial output, e.g. the final activation before global pooling). If the layer runs more than
-    once per forward, its last call is used. Maps are >= 0, upsampled bilinearly to (H, W)."""
+_UPSAMPLE = ("bilinear", "nearest", None)
+_NORMALIZE = (None, "minmax")
+#: pytorch-grad-cam's stabiliser in its min-max scaling (``img / (1e-7 + max(img))``)
+MINMAX_EPS = 1e-7
 
-    def __init__(self, model: nn.Module, layer: Union[None, str, nn.Module] = None):
+
+class GradCAM(_GradMethod):
+    """Grad-CAM at ``layer`` (a module or its name; default: the last conv block's output, see
+    :func:`_default_cam_layer`). If the layer runs more than once per forward, its last call is
+    used.
+
+    ``cam = sum_k mean_hw(dS_t/dA_k) * A_k`` at the layer, then, in this order:
+
+    * ``relu=True``: ``max(cam, 0)`` (Selvaraju et al.; maps are >= 0);
+    * ``upsample``: ``"bilinear"`` (``F.interpolate``, ``align_corners=False``) or ``"nearest"``
+      to the input's (H, W); ``None`` returns the layer's (h, w) map;
+    * ``normalize="minmax"``: per sample and target ``(cam - min) / (max - min + 1e-7)``.
+
+    Conventions of the two common implementations, with the layer they are given:
+
+    * Captum ``LayerGradCam(model, layer).attribute(x, t)`` is ``relu=False, upsample=None``
+      (its ``relu_attributions`` defaults to False; it returns the layer-resolution map);
+      ``relu_attributions=True`` is ``relu=True``; its ``LayerAttribution.interpolate(attr,
+      (H, W))`` is ``upsample="nearest"`` (its default mode) or ``"bilinear"`` with that mode.
+      The defaults here equal ``relu_attributions=True`` + ``interpolate(..., "bilinear")``.
+    * pytorch-grad-cam ``GradCAM(model, target_layers=[layer])`` is ``relu=True,
+      upsample="bilinear", normalize="minmax"``: it scales to [0, 1] (``img - min``, then
+      ``/ (1e-7 + max)``) before resizing with ``cv2.resize`` (bilinear, pixel centres as
+      ``align_corners=False``) and once more after; bilinear resizing commutes with that affine
+      scaling, so one scaling after the upsampling gives the same map up to the 1e-7 stabiliser
+      (and up to OpenCV's float32 arithmetic).
+    """
+
+    def __init__(self, model: nn.Module, layer: Union[None, str, nn.Module] = None,
+                 relu: bool = True, upsample: Optional[str] = "bilinear",
+                 normalize: Optional[str] = None):
         super().__init__(model)
         if isinstance(layer, str):
             mods = dict(model.named_modules())
@@ -182,7 +225,14 @@ class GradCAM(_GradMethod):
             layer = mods[layer]
         if layer is not None and not isinstance(layer, nn.Module):
             raise TypeError("layer must be an nn.Module, its name, or None")
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be True or False, got {relu!r}")
+        if upsample not in _UPSAMPLE:
+            raise ValueError(f"upsample must be one of {_UPSAMPLE}, got {upsample!r}")
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
         self.layer = layer
+        self.relu, self.upsample, self.normalize = relu, upsample, normalize
         self._acts: List[torch.Tensor] = []
         self._size = None
 
@@ -192,6 +242,8 @@ class GradCAM(_GradMethod):
             self.layer = _default_cam_layer(self.model, x)
         self._size = tuple(x.shape[-2:])
         return super().attribute(x, target)
+
+    __call__ = attribute
 
     def _install(self):
         self._acts = []
@@ -207,8 +259,19 @@ class GradCAM(_GradMethod):
         (ga,) = torch.autograd.grad(logits, a, g, retain_graph=retain)
         with torch.no_grad():
             w = ga.mean((-2, -1), keepdim=True)
-            cam = F.relu((w * a.detach()).sum(1, keepdim=True))
-            return F.interpolate(cam, size=self._size, mode="bilinear", align_corners=False)
+            cam = (w * a.detach()).sum(1, keepdim=True)
+            if self.relu:
+                cam = F.relu(cam)
+            if self.upsample == "bilinear":
+                cam = F.interpolate(cam, size=self._size, mode="bilinear", align_corners=False)
+            elif self.upsample == "nearest":
+                cam = F.interpolate(cam, size=self._size, mode="nearest")
+            if self.normalize == "minmax":
+                flat = cam.flatten(1)
+                lo = flat.amin(1).view(-1, 1, 1, 1)
+                cam = cam - lo
+                cam = cam / (cam.flatten(1).amax(1).view(-1, 1, 1, 1) + MINMAX_EPS)
+            return cam
 
     def _cleanup(self):
         self._acts = []
