@@ -9,14 +9,15 @@
 # Budget (step timeouts, seconds; each can be overridden by its variable):
 #                      full   QUICK=1
 #   T_VERSIONS           10     10    device and versions
-#   T_PROBE              60      0    probe_check_abort.py (QUICK: skipped unless PROBE=1)
-#   T_INSTALL            40     40    Python part only + the carried .so (PREBUILT=1)
-#   T_OPS                80     45    CUDA op tests (test_op_kernels.py), bad-input tests apart
-#   T_ERRORS             30      0    CUDA bad-input tests, in a process of their own
-#   T_MODELS             45     30    CUDA model tests (fusion, native ops, models)
-#   T_MODEL_CHECK        40      0    gpu_model_check.py (fused/unfused/hooks/float64, bf16)
+#   T_PROBE              90      0    probe_check_abort.py (QUICK: skipped unless PROBE=1);
+#                                     the no-compiler cases first, then a ~40 s inline build
+#   T_INSTALL            30     30    Python part only + the carried .so (PREBUILT=1)
+#   T_OPS                75     45    CUDA op tests (test_op_kernels.py), bad-input tests apart
+#   T_ERRORS             25      0    CUDA bad-input tests, in a process of their own
+#   T_MODELS             40     30    CUDA model tests (fusion, native ops, models)
+#   T_MODEL_CHECK        35      0    gpu_model_check.py (fused/unfused/hooks/float64, bf16)
 #   T_OPBENCH            25      0    bench_gpu_ops.py (per-op rule vs cuDNN input gradient)
-#   T_BENCH              90     55    bench_gpu.py (the table rows done by then are kept)
+#   T_BENCH              90     65    bench_gpu.py (the table rows done by then are kept)
 #   sum                 420    180    (full + QUICK = 600 s: both fit one device slot)
 #   memcheck: only with time left, at most 60 s and never past T_TOTAL (420) in all
 #   T_BUILD             240    240    only when no usable prebuilt .so (PREBUILT unset, or it
@@ -35,13 +36,13 @@ PREBUILT="${PREBUILT:-0}"
 PREBUILT_DIR="${PREBUILT_DIR:-.devcheck/prebuilt}"
 PY="${PYTHON:-python}"
 if [ "$QUICK" = 1 ]; then
-  : "${T_VERSIONS:=10}" "${T_PROBE:=$([ "${PROBE:-0}" = 1 ] && echo 60 || echo 0)}" "${T_INSTALL:=40}"
+  : "${T_VERSIONS:=10}" "${T_PROBE:=$([ "${PROBE:-0}" = 1 ] && echo 90 || echo 0)}" "${T_INSTALL:=30}"
   : "${T_OPS:=45}" "${T_ERRORS:=0}" "${T_MODELS:=30}" "${T_MODEL_CHECK:=0}" "${T_OPBENCH:=0}"
-  : "${T_BENCH:=55}" "${T_TOTAL:=180}"
-  : "${BENCH_ARGS:=--models resnet50 --no-compile --budget 35}"
+  : "${T_BENCH:=65}" "${T_TOTAL:=180}"
+  : "${BENCH_ARGS:=--models resnet50 --no-compile --budget 45}"
 else
-  : "${T_VERSIONS:=10}" "${T_PROBE:=60}" "${T_INSTALL:=40}" "${T_OPS:=80}" "${T_ERRORS:=30}"
-  : "${T_MODELS:=45}" "${T_MODEL_CHECK:=40}" "${T_OPBENCH:=25}" "${T_BENCH:=90}" "${T_TOTAL:=420}"
+  : "${T_VERSIONS:=10}" "${T_PROBE:=90}" "${T_INSTALL:=30}" "${T_OPS:=75}" "${T_ERRORS:=25}"
+  : "${T_MODELS:=40}" "${T_MODEL_CHECK:=35}" "${T_OPBENCH:=25}" "${T_BENCH:=90}" "${T_TOTAL:=420}"
   : "${BENCH_ARGS:=--budget 60}"
 fi
 : "${T_BUILD:=240}"

@@ -62,6 +62,18 @@ at::Tensor probe_check_op(const at::Tensor& x) {
 TORCH_LIBRARY(tsgb_probe, m) { m.def("check(Tensor x) -> Tensor"); }
 TORCH_LIBRARY_IMPL(tsgb_probe, CompositeExplicitAutograd, m) { m.impl("check", &probe_check_op); }
 """
+def inline_module(build_dir: str):
+    """The built probe extension, imported from its file (a child never runs the build, so a
+    child killed by its timeout leaves no build lock behind)."""
+    import importlib.util
+    import torch  # noqa: F401  (the extension links against the loaded libtorch)
+    path = os.path.join(build_dir, "tsgb_probe_ext.so")
+    spec = importlib.util.spec_from_file_location("tsgb_probe_ext", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 FUNCTIONS = ["probe_backtrace", "probe_check_caught", "probe_runtime_error", "probe_check_pybind"]
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]  # the project's flags (setup.py), at C++17
 
@@ -69,9 +81,13 @@ CASES = ["backtrace", "check_caught", "runtime_error", "check_pybind", "check_op
          "check_op_cuda", "prebuilt_op_cpu", "prebuilt_op_cuda", "prebuilt_isa", "aten_empty"]
 
 
-def inline_module(build_dir: str):
+def build_inline(build_dir: str):
+    """Build (or reuse) the probe extension; only the parent process builds."""
     from torch.utils.cpp_extension import load_inline
     os.makedirs(build_dir, exist_ok=True)
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock):  # left by a probe killed mid-build: load_inline would wait forever
+        os.remove(lock)
     return load_inline("tsgb_probe_ext", cpp_sources=[CPP], functions=FUNCTIONS,
                        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=build_dir,
                        verbose=False)
@@ -175,52 +191,65 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-    lines = [f"torch {torch.__version__} (git {torch.version.git_version}), CUDA "
-             f"{torch.version.cuda}, available {torch.cuda.is_available()}; {compiler_line()}",
-             f"prebuilt .so: {so or 'none'}"]
-    # build the inline extension once, in this process (building runs no probe code)
-    t0 = time.perf_counter()
-    try:
-        inline_module(args.build_dir)
-        lines.append(f"inline extension built with {' '.join(CFLAGS)} in "
-                     f"{time.perf_counter() - t0:.0f} s")
-        built = True
-    except Exception as e:
-        lines.append(f"inline extension FAILED to build: {type(e).__name__}: {str(e)[-400:]}")
-        built = False
-    print("\n".join(lines), flush=True)
-    bad = 0
+    out = open(args.out, "w") if args.out else None
+
+    def emit(line: str) -> None:  # printed and written as it comes: a timeout keeps the lines
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    emit(f"torch {torch.__version__} (git {torch.version.git_version}), CUDA "
+         f"{torch.version.cuda}, available {torch.cuda.is_available()}; {compiler_line()}")
+    emit(f"prebuilt .so: {so or 'none'}")
     base = [sys.executable, os.path.abspath(__file__), "--build-dir", args.build_dir]
     if so:
         base += ["--so", so]
+    bad = 0
+
+    def run(case: str) -> None:
+        nonlocal bad
+        try:
+            r = subprocess.run(base + ["--case", case], capture_output=True, text=True,
+                               timeout=args.case_timeout)
+            rc, lines = r.returncode, (r.stdout + r.stderr).strip().splitlines()
+            res = [ln[7:] for ln in lines if ln.startswith("RESULT ")]
+            what = res[-1] if res else (lines[-1][:200] if lines else "")
+            meaning = {0: "", -11: " SEGFAULT", 139: " SEGFAULT", -6: " ABORT",
+                       134: " ABORT"}.get(rc, " FAILED")
+        except subprocess.TimeoutExpired:
+            rc, what, meaning = 124, f"no answer in {args.case_timeout:.0f} s", " TIMEOUT"
+        bad += rc != 0
+        emit(f"{case:18s} exit {rc}{meaning}: {what}")
+
+    # first the cases that need no compiler (the prebuilt .so, libtorch's own check) ...
     for case in CASES:
-        if not built and not case.startswith(("prebuilt", "aten")):
-            line = f"{case:18s} skipped (the inline extension did not build)"
+        if case.startswith(("prebuilt", "aten")):
+            run(case)
+    # ... then the inline extension, built once in this process (building runs no probe code)
+    t0 = time.perf_counter()
+    try:
+        build_inline(args.build_dir)
+        emit(f"inline extension built with {' '.join(CFLAGS)} in {time.perf_counter() - t0:.0f} s")
+        built = True
+    except Exception as e:
+        emit(f"inline extension FAILED to build: {type(e).__name__}: {str(e)[-400:]}")
+        built = False
+        bad += 1
+    for case in CASES:
+        if case.startswith(("prebuilt", "aten")):
+            continue
+        if built:
+            run(case)
         else:
-            try:
-                r = subprocess.run(base + ["--case", case], capture_output=True, text=True,
-                                   timeout=args.case_timeout)
-                rc, out = r.returncode, (r.stdout + r.stderr).strip().splitlines()
-                res = [ln[7:] for ln in out if ln.startswith("RESULT ")]
-                what = res[-1] if res else (out[-1][:200] if out else "")
-                meaning = {0: "", -11: " SEGFAULT", 139: " SEGFAULT", -6: " ABORT",
-                           134: " ABORT"}.get(rc, " FAILED")
-            except subprocess.TimeoutExpired:
-                rc, what, meaning = 124, f"no answer in {args.case_timeout:.0f} s", " TIMEOUT"
-            line = f"{case:18s} exit {rc}{meaning}: {what}"
-            bad += rc != 0
-        lines.append(line)
-        print(line, flush=True)
+            emit(f"{case:18s} skipped (the inline extension did not build)")
     r = subprocess.run(base + ["--maps"], capture_output=True, text=True, timeout=60)
     maps = [ln[7:] for ln in r.stdout.splitlines() if ln.startswith("MAPPED ")]
     for m in maps or [f"none found (exit {r.returncode}: {r.stderr.strip()[-200:]})"]:
-        lines.append(f"mapped: {m}")
-        print(lines[-1], flush=True)
-    lines.append(f"probe: {bad} case(s) did not exit 0")
-    print(lines[-1])
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        emit(f"mapped: {m}")
+    emit(f"probe: {bad} case(s) did not exit 0")
+    if out:
+        out.close()
     return 1 if bad else 0
 
 
