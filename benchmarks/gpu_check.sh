@@ -34,7 +34,7 @@ mkdir -p "$OUT"
 QUICK="${QUICK:-0}"
 PREBUILT="${PREBUILT:-0}"
 PREBUILT_DIR="${PREBUILT_DIR:-.devcheck/prebuilt}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python > /dev/null && echo python || echo python3)}"  # the device's torch
 if [ "$QUICK" = 1 ]; then
   : "${T_VERSIONS:=10}" "${T_PROBE:=$([ "${PROBE:-0}" = 1 ] && echo 90 || echo 0)}" "${T_INSTALL:=30}"
   : "${T_OPS:=45}" "${T_ERRORS:=0}" "${T_MODELS:=30}" "${T_MODEL_CHECK:=0}" "${T_OPBENCH:=0}"
@@ -102,11 +102,14 @@ fi
 
 build_here() {  # the fallback: compile the CUDA kernels on this machine
   step "build (FORCE_CUDA=1, sm 9.0, timeout $T_BUILD s): $1"
-  if timeout "$T_BUILD" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-16}" \
-      "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  timeout "$T_BUILD" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-16}" \
+    "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+  local rc=$?
+  if [ "$rc" = 0 ]; then
     tail -3 "$OUT/build.log"; record build ok "$1"
   else
-    tail -30 "$OUT/build.log"; record build FAILED "$1; see build.log"
+    tail -30 "$OUT/build.log"
+    record build FAILED "$1; $([ "$rc" = 124 ] && echo "timed out after $T_BUILD s" || echo "exit $rc"); see build.log"
   fi
 }
 import_check() {
