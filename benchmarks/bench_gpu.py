@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _models  # noqa: E402
-from _rows import ROWS, compile_stats, fmt_err, make_row, make_targets, measure, run_cleanup  # noqa: E402
+from _rows import ROWS, compile_stats, compile_warmup, fmt_err, make_row, make_targets, measure, run_cleanup  # noqa: E402
 
 EAGER_ROWS = ["forward", "gradient", "authors", "hooks", "native", "native_unfused", "native_t5",
               "native_percall"]
@@ -191,6 +191,10 @@ def main(argv=None) -> int:
         return 3
 
     import tsgb_ext
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = True
@@ -302,14 +306,17 @@ def main(argv=None) -> int:
             if row.endswith("_compile"):
                 torch._dynamo.reset()  # rows run one at a time here: each compiles afresh
             fn, cleanup, note = make_row(row, model, x, t, autocast)
+            counts = None
             if row.endswith("_compile"):
-                tc = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                note = (f"first call (compile) {time.perf_counter() - tc:.0f} s, "
-                        f"{compile_stats()}; " + note)
+                # the row's own warm-up calls, each timed: the eager first call, then the one
+                # that compiles (TSGB(compile=True) compiles on its second call)
+                warm, counts = compile_warmup(fn, sync)
+                note = warm + "; " + note
             med, _ = measure(fn, threads, 0, args.min_time, args.warmup)
+            if counts is not None:
+                # graphs compiled over the whole row (warm-up and timing): more than in the
+                # compile call means a recompile while timed
+                note = f"row total {compile_stats(counts)}; " + note
             pk = peak_mib(fn, device)
             med_of[(name, dname, row)] = med
             peak_of[(name, dname, row)] = pk

@@ -284,8 +284,23 @@ def test_conv2d_bn_act_forward_and_autograd(device):
             ref_gx = ref_conv_bn_rule(g.cpu(), x.cpu(), yc.detach().cpu(), scale.cpu(), shift.cpu(),
                                       1e-3, act, [3, 3], [2, 1], [1, 1], [1, 2], 2)
             check_close(gx, ref_gx, torch.float64, f"conv2d_bn_act autograd act={act} cl={cl}")
-    with pytest.raises(RuntimeError, match=r"conv2d_bn_act: act must be 0 \(none\), 1 \(ReLU\) or 2"):
-        ops.conv2d_bn_act(x, w, b, [1, 1], [1, 1], [1, 1], 2, rm, rv, bw, bb, 1e-3, 3)
+
+
+@pytest.mark.skipif(not HAS_CONV_BN, reason="built without the fused conv -> BN ops")
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_bn_act_bad_input(device):
+    """An unknown activation code is rejected by the op's own check. A test of its own (named
+    *bad_input*, so gpu_check.sh runs it in the bad-input step's process): an extension error
+    that crashed the process would otherwise take the model tests after it down too."""
+    gen = gen_of(5)
+    x = rand((2, 6, 11, 9), gen, torch.float64, device)
+    w, b = rand((8, 3, 3, 3), gen, torch.float64, device), rand((8,), gen, torch.float64, device)
+    rm, rv = rand((8,), gen, torch.float64, device), rand((8,), gen, torch.float64, device).abs() + 0.5
+    bw, bb = rand((8,), gen, torch.float64, device), rand((8,), gen, torch.float64, device)
+    ops.conv2d_bn_act(x, w, b, [1, 1], [1, 1], [1, 1], 2, rm, rv, bw, bb, 1e-3, 2)  # act 2 is fine
+    for act in (3, -1):
+        with pytest.raises(RuntimeError, match=r"conv2d_bn_act: act must be 0 \(none\), 1 \(ReLU\) or 2"):
+            ops.conv2d_bn_act(x, w, b, [1, 1], [1, 1], [1, 1], 2, rm, rv, bw, bb, 1e-3, act)
 
 
 @pytest.mark.skipif(not HAS_CONV_BN, reason="built without the fused conv -> BN ops")
@@ -437,6 +452,65 @@ def test_linear_backward_all_zero_zn_is_finite(device):
     out = ops.linear_backward(g, torch.zeros_like(x), W, -W, EPS)
     torch.testing.assert_close(out, g @ W, rtol=1e-12, atol=0)
 
+
+def _split_ref(w):
+    w = w.double() if w.dtype == torch.float32 else w
+    return w.clamp(min=0), w.clamp(max=0)
+
+
+def test_split_weight_cache_skipped_while_capturing(monkeypatch):
+    """The W+/W- cache of the classifier rule is neither written nor read inside a CUDA-graph
+    capture (the branch logic, on the CPU: the capture check is patched)."""
+    from tsgb_ext.ops import autograd as ag
+    assert not ag._capturing(torch.zeros(1))  # a CPU tensor is never in a capture
+    w = torch.randn(7, 5, generator=gen_of(11))
+    want_p, want_n = _split_ref(w)
+    ag._split_cache.pop(id(w), None)
+    monkeypatch.setattr(ag, "_capturing", lambda t: True)
+    p1, n1 = ag.split_weight(w)
+    assert torch.equal(p1, want_p) and torch.equal(n1, want_n)
+    assert id(w) not in ag._split_cache, "split_weight stored W+/W- during a capture"
+    monkeypatch.setattr(ag, "_capturing", lambda t: False)
+    p2, n2 = ag.split_weight(w)  # eager: computed and stored
+    assert torch.equal(p2, want_p) and torch.equal(n2, want_n)
+    assert id(w) in ag._split_cache and ag.split_weight(w)[0] is p2  # eager calls hit
+    monkeypatch.setattr(ag, "_capturing", lambda t: True)
+    p3, n3 = ag.split_weight(w)
+    assert p3 is not p2 and n3 is not n2, "split_weight read the cache during a capture"
+    assert torch.equal(p3, want_p) and torch.equal(n3, want_n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_weight_in_cuda_graph(dtype):
+    """split_weight captured in a CUDA graph: an eager call before the first replay gets the
+    real W+/W- (not the graph's not-yet-filled tensors), every replay computes the split of the
+    weight as it is then, also when the cache was warm at capture time."""
+    from tsgb_ext.ops import autograd as ag
+    w = torch.randn(64, 33, generator=gen_of(12)).to("cuda", dtype)
+    ag._split_cache.pop(id(w), None)
+    torch.cuda.synchronize()
+    g1 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g1):  # cold cache
+        gp1, gn1 = ag.split_weight(w)
+    p, n = ag.split_weight(w)  # eager, before any replay
+    want_p, want_n = _split_ref(w)
+    assert torch.equal(p, want_p) and torch.equal(n, want_n)
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):  # warm cache
+        gp2, gn2 = ag.split_weight(w)
+    for _ in range(2):
+        g1.replay()
+        g2.replay()
+        torch.cuda.synchronize()
+        want_p, want_n = _split_ref(w)
+        for gp, gn in ((gp1, gn1), (gp2, gn2)):
+            assert torch.equal(gp, want_p) and torch.equal(gn, want_n)
+        with torch.no_grad():
+            w.mul_(-1.5)  # in place: the next replay must follow it
+    p, n = ag.split_weight(w)  # eager again: the cache saw the version change
+    want_p, want_n = _split_ref(w)
+    assert torch.equal(p, want_p) and torch.equal(n, want_n)
 
 # ---- memory format, empty inputs -----------------------------------------------------------
 def _backward_calls(device, fmt_x, fmt_other=torch.contiguous_format, n=2, t=2):

@@ -213,6 +213,17 @@ def _conv_configs():
             continue
         N, T = rng.choice([1, 2, 3]), rng.choice([1, 3])
         cfgs.append((N, T, C, K, H, W, (kh, kw), (sh, sw), (ph, pw), (dh, dw), G))
+    # depthwise maps larger than one tile of the CUDA one-kernel depthwise rule (NCHW tiles
+    # are up to 32 wide, channels_last 8x8 by up to 32 channels): tile edges in both
+    # directions, a partial channel chunk, a channel multiplier, and a dilation so large that
+    # the CUDA rule falls back to the general kernels
+    cfgs += [
+        (2, 2, 24, 24, 40, 70, (3, 3), (1, 1), (1, 1), (1, 1), 24),
+        (1, 1, 8, 8, 37, 45, (5, 5), (2, 2), (2, 2), (1, 1), 8),
+        (1, 2, 40, 40, 33, 35, (3, 3), (1, 1), (2, 2), (2, 2), 40),
+        (2, 1, 6, 12, 21, 40, (3, 3), (2, 1), (1, 1), (1, 1), 6),
+        (1, 1, 4, 4, 20, 20, (3, 3), (1, 1), (12, 12), (12, 12), 4),
+    ]
     return cfgs
 
 

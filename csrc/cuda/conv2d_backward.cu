@@ -18,6 +18,11 @@
 // else changes, no extra pass over activations.
 // Bytes: grad, y read once; x read twice (|x| reduction, sign); gx written once; the fp32
 // intermediates hold G channels (1 for groups == 1) per sample.
+// One input channel per group (depthwise, groups == C): those intermediates would be as large
+// as x itself (~34 B per element in fp32 over 4 launches), so kernel 4 does the whole rule in
+// one launch through shared memory: x, y, grad read once, gx written once (16 B per element
+// in fp32 at stride 1, 10 B at stride 2; half that in fp16 / bf16). It falls back to the
+// three kernels only for windows whose halo would not fit shared memory.
 //
 // Layout: everything is iterated in the memory format x suggests (NCHW or channels_last); the
 // G-channel intermediates use the matching layout ([B,G,P] or [B,P,G]) so every access is
@@ -241,11 +246,16 @@ __device__ __forceinline__ acc_t gather_r(const acc_t* __restrict__ r, index_t b
   return acc;
 }
 
+// sign(x) * t, stored; sign 0 gives exactly 0 (never 0 * inf). xv: x already in acc_t.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t signed_share_acc(acc_t xv, acc_t t) {
+  const acc_t sg = cuda_detail::sign_of(xv);
+  return saturate_cast<scalar_t>(sg == acc_t(0) ? acc_t(0) : sg * t);
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ scalar_t signed_share(scalar_t xv, acc_t t) {
-  const acc_t sg = cuda_detail::sign_of(static_cast<acc_t>(xv));
-  // sign 0 gives exactly 0 (never 0 * inf)
-  return saturate_cast<scalar_t>(sg == acc_t(0) ? acc_t(0) : sg * t);
+  return signed_share_acc<scalar_t, acc_t>(static_cast<acc_t>(xv), t);
 }
 
 // NCHW: block (TX, TY); row ty == 0 gathers t for TX positions into shared memory, then all
@@ -322,6 +332,203 @@ __global__ void gather_sign_cl_kernel(const acc_t* __restrict__ r, const scalar_
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4. One input channel per group (depthwise: groups == C, any channel multiplier K / C): the
+//    whole rule in one kernel, reading x, y and grad once and writing gx once. No global
+//    intermediates (the general path above moves s, a and r through fp32 buffers in 4 launches).
+//
+// A block owns a TH x TW tile of input positions of CC channels of one activation sample n
+// (NCHW: CC = 1, threads along positions; channels_last: CC lanes along channels, threads
+// along positions above them; shared arrays are [position][CC], lane fastest, so global and
+// shared accesses are coalesced / conflict-free in both layouts). It
+//   a. loads x over the tile and every input the windows of the tile's outputs read (the
+//      "x region", zeros where it lies in the padding) into shared memory, as acc_t;
+//   b. for the outputs whose window reaches into the tile (the "output region"):
+//      den[o] = (box sum of |x| over o's window) + eps     (same tap order as ratio_kernel);
+//   c. for each gradient sample b = t * N + n (T targets share a, b):
+//      r[o] = (sum_{k of the group} grad[b,k,o] * f(y[n,k,o])) / den[o]   (f: y, or the BN
+//      and activation factor of conv2d_bn_backward), then for each tile input
+//      gx[b,c,i] = sign(x[n,c,i]) * (transposed box sum of r at i)   (gather_r's tap order).
+// The arithmetic is that of the general path step for step (products, sums in the same
+// order, one final saturating cast), so both give the same values.
+//
+// Region bounds along one axis, for tile inputs [i0, i0 + L): the outputs o whose window
+// [o*s - p, o*s - p + (k-1)*d] meets the tile are lo = max(0, ceil((i0 + p - (k-1)*d) / s))
+// .. hi = min(O - 1, (i0 + L - 1 + p) / s), every output a tile input's gather can name lies
+// there; their windows and the tile lie in [i0 - (k-1)*d, i0 + L - 1 + (k-1)*d].
+struct DwTile {
+  int th, tw;        // tile of input positions
+  int cc;            // channels per block (power of two; 1 for NCHW)
+  int cc_log2;
+  int xr_cap;        // positions of the largest x region (shared layout)
+  int or_cap;        // positions of the largest output region
+};
+
+struct AxisRange {
+  int out_lo, out_n;  // output region (out_n may be 0)
+  int x_lo, x_n;      // x region
+};
+
+__device__ __forceinline__ AxisRange dw_axis(int i0, int len, int k, int s, int p, int d,
+                                             int O) {
+  AxisRange r;
+  const int span = (k - 1) * d;
+  const int num = i0 + p - span;
+  const int lo = num <= 0 ? 0 : (num + s - 1) / s;
+  const int hi = min(O - 1, (i0 + len - 1 + p) / s);
+  r.out_lo = lo;
+  r.out_n = hi >= lo ? hi - lo + 1 : 0;
+  int x0 = i0, x1 = i0 + len - 1;
+  if (r.out_n > 0) {
+    x0 = min(x0, lo * s - p);
+    x1 = max(x1, hi * s - p + span);
+  }
+  r.x_lo = x0;
+  r.x_n = x1 - x0 + 1;
+  return r;
+}
+
+template <typename scalar_t, typename acc_t, bool CL>
+__global__ void depthwise_rule_kernel(const scalar_t* __restrict__ grad,
+                                      const scalar_t* __restrict__ x,
+                                      const scalar_t* __restrict__ y, scalar_t* __restrict__ gx,
+                                      int64_t T, int64_t N, int64_t C, int64_t KPG, int H, int W,
+                                      int Ho, int Wo, Geom w, DwTile tile, BnFold<acc_t> bn,
+                                      acc_t eps) {
+  extern __shared__ __align__(16) unsigned char dw_smem[];
+  acc_t* xs = reinterpret_cast<acc_t*>(dw_smem);                // [xr_cap][cc]
+  acc_t* den = xs + static_cast<int64_t>(tile.xr_cap) * tile.cc;  // [or_cap][cc]
+  acc_t* rs = den + static_cast<int64_t>(tile.or_cap) * tile.cc;  // [or_cap][cc]
+  const int nthreads = blockDim.x;
+  const int cc = tile.cc, lg = tile.cc_log2;
+  const int64_t K = C * KPG;
+  const int64_t chunks = (C + cc - 1) / cc;
+  const int tiles_h = (H + tile.th - 1) / tile.th;
+  const int tiles_w = (W + tile.tw - 1) / tile.tw;
+  const int64_t spatial_tiles = static_cast<int64_t>(tiles_h) * tiles_w;
+  const int64_t items = N * chunks * spatial_tiles;
+  const int64_t HW = static_cast<int64_t>(H) * W, HoWo = static_cast<int64_t>(Ho) * Wo;
+  for (int64_t it = blockIdx.x; it < items; it += gridDim.x) {  // block-uniform loop
+    const int64_t st = it % spatial_tiles;
+    const int64_t nc = it / spatial_tiles;
+    const int64_t chunk = nc % chunks;
+    const int64_t n = nc / chunks;
+    const int ih0 = static_cast<int>(st / tiles_w) * tile.th;
+    const int iw0 = static_cast<int>(st % tiles_w) * tile.tw;
+    const int th = min(tile.th, H - ih0), tw = min(tile.tw, W - iw0);
+    const AxisRange rh = dw_axis(ih0, th, w.kh, w.sh, w.ph, w.dh, Ho);
+    const AxisRange rw = dw_axis(iw0, tw, w.kw, w.sw, w.pw, w.dw, Wo);
+    const int64_t c0 = chunk * cc;
+    // channel c = c0 + lane of sample n: NCHW plane base / channels_last pixel stride
+    auto x_at = [&](int64_t s, int64_t c, int ih, int iw) -> int64_t {
+      return CL ? ((s * H + ih) * static_cast<int64_t>(W) + iw) * C + c
+                : (s * C + c) * HW + static_cast<int64_t>(ih) * W + iw;
+    };
+    auto o_at = [&](int64_t s, int64_t k, int oh, int ow) -> int64_t {
+      return CL ? ((s * Ho + oh) * static_cast<int64_t>(Wo) + ow) * K + k
+                : (s * K + k) * HoWo + static_cast<int64_t>(oh) * Wo + ow;
+    };
+
+    // a. x region -> shared (zeros in the padding and past the last channel)
+    const int xr = rh.x_n * rw.x_n;
+    for (int e = threadIdx.x; e < (xr << lg); e += nthreads) {
+      const int lane = e & (cc - 1);
+      const int pos = e >> lg;
+      const int ih = rh.x_lo + pos / rw.x_n;
+      const int iw = rw.x_lo + pos % rw.x_n;
+      const int64_t c = c0 + lane;
+      acc_t v = acc_t(0);
+      if (c < C && ih >= 0 && ih < H && iw >= 0 && iw < W) {
+        v = static_cast<acc_t>(x[x_at(n, c, ih, iw)]);
+      }
+      xs[e] = v;
+    }
+    __syncthreads();
+
+    // b. den = box sum of |x| over each output's window + eps
+    const int orn = rh.out_n * rw.out_n;
+    for (int e = threadIdx.x; e < (orn << lg); e += nthreads) {
+      const int lane = e & (cc - 1);
+      const int pos = e >> lg;
+      const int oh = rh.out_lo + pos / rw.out_n;
+      const int ow = rw.out_lo + pos % rw.out_n;
+      const int h0 = oh * w.sh - w.ph - rh.x_lo;  // window start in region coordinates
+      const int w0 = ow * w.sw - w.pw - rw.x_lo;
+      acc_t d = acc_t(0);
+      for (int ky = 0; ky < w.kh; ++ky) {
+        const acc_t* row = xs + (static_cast<int64_t>(h0 + ky * w.dh) * rw.x_n + w0) * cc + lane;
+        for (int kx = 0; kx < w.kw; ++kx) {
+          const acc_t v = row[static_cast<int64_t>(kx) * w.dw * cc];
+          d += v < acc_t(0) ? -v : v;  // padding holds 0: adds exactly nothing
+        }
+      }
+      den[e] = d + eps;
+    }
+    __syncthreads();
+
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t b = t * N + n;
+      // c. r over the output region
+      for (int e = threadIdx.x; e < (orn << lg); e += nthreads) {
+        const int lane = e & (cc - 1);
+        const int pos = e >> lg;
+        const int64_t c = c0 + lane;
+        acc_t s = acc_t(0);
+        if (c < C) {
+          const int oh = rh.out_lo + pos / rw.out_n;
+          const int ow = rw.out_lo + pos % rw.out_n;
+          for (int64_t j = 0; j < KPG; ++j) {
+            const int64_t k = c * KPG + j;
+            const acc_t gv = static_cast<acc_t>(grad[o_at(b, k, oh, ow)]);
+            const acc_t yv = static_cast<acc_t>(y[o_at(n, k, oh, ow)]);
+            s += bn.scale == nullptr
+                     ? gv * yv
+                     : gv * bn_act_factor(yv, bn.scale[k], bn.shift[k], bn.div_eps, bn.act);
+          }
+        }
+        rs[e] = s / den[e];
+      }
+      __syncthreads();
+      // gather the r of the outputs covering each tile input, times sign(x)
+      for (int e = threadIdx.x; e < ((th * tw) << lg); e += nthreads) {
+        const int lane = e & (cc - 1);
+        const int pos = e >> lg;
+        const int64_t c = c0 + lane;
+        if (c >= C) continue;
+        const int ih = ih0 + pos / tw;
+        const int iw = iw0 + pos % tw;
+        acc_t acc = acc_t(0);
+        for (int ky = 0; ky < w.kh; ++ky) {
+          const int hh = ih + w.ph - ky * w.dh;
+          if (hh < 0) break;  // decreasing in ky
+          int oh = hh;
+          if (w.sh != 1) {
+            oh = hh / w.sh;
+            if (oh * w.sh != hh) continue;
+          }
+          if (oh >= Ho) continue;
+          const acc_t* rrow = rs + static_cast<int64_t>(oh - rh.out_lo) * rw.out_n * cc + lane;
+          for (int kx = 0; kx < w.kw; ++kx) {
+            const int ww = iw + w.pw - kx * w.dw;
+            if (ww < 0) break;
+            int ow = ww;
+            if (w.sw != 1) {
+              ow = ww / w.sw;
+              if (ow * w.sw != ww) continue;
+            }
+            if (ow >= Wo) continue;
+            acc += rrow[static_cast<int64_t>(ow - rw.out_lo) * cc];
+          }
+        }
+        const acc_t xv =
+            xs[((static_cast<int64_t>(ih - rh.x_lo) * rw.x_n + (iw - rw.x_lo)) << lg) + lane];
+        gx[x_at(b, c, ih, iw)] = signed_share_acc<scalar_t, acc_t>(xv, acc);
+      }
+      __syncthreads();  // rs is rewritten for the next target
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // 0. The BN of a fused block as per-channel scale / shift (one tiny launch, no ATen ops).
 template <typename acc_t>
 __global__ void bn_scale_shift_kernel(const acc_t* __restrict__ rm, const acc_t* __restrict__ rv,
@@ -365,6 +572,97 @@ void launch_group_reduce(bool cl, const scalar_t* a, const scalar_t* m, acc_t* o
         <<<grid, block, 0, stream>>>(a, m, out, Bo, Nm, Cch, G, P, bn);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Tile for depthwise_rule_kernel: false when no tile keeps the shared arrays under 48 KiB (no
+// opt-in needed) with an x region at most 8x the tile (huge dilations: the general path is
+// better there).
+inline bool pick_depthwise_tile(bool cl, int64_t C, int H, int W, int Ho, int Wo, const Geom& g,
+                                int64_t acc_bytes, DwTile& tile) {
+  constexpr int64_t kSmemBytes = 48 * 1024;
+  int cc = cl ? cuda_detail::pow2_at_least(C, 32) : 1;
+  int th, tw;
+  if (cl) {
+    th = 8;
+    tw = 8;
+  } else {  // 256 positions, rows of up to 32 (coalesced along W)
+    tw = cuda_detail::pow2_at_least(W, 32);
+    tw = std::max(tw, 8);
+    th = kThreads / tw;
+  }
+  const int64_t span_h = int64_t{g.kh - 1} * g.dh, span_w = int64_t{g.kw - 1} * g.dw;
+  while (true) {
+    const int64_t eh = std::min<int64_t>(th, H), ew = std::min<int64_t>(tw, W);
+    const int64_t xr = std::min<int64_t>(eh + 2 * span_h, H + 2 * int64_t{g.ph}) *
+                       std::min<int64_t>(ew + 2 * span_w, W + 2 * int64_t{g.pw});
+    const int64_t orr = std::min<int64_t>((eh - 1 + span_h) / g.sh + 1, Ho) *
+                        std::min<int64_t>((ew - 1 + span_w) / g.sw + 1, Wo);
+    const int64_t bytes = (xr + 2 * orr) * cc * acc_bytes;
+    if (bytes <= kSmemBytes && xr <= 8 * eh * ew) {
+      tile.th = static_cast<int>(eh);
+      tile.tw = static_cast<int>(ew);
+      tile.cc = cc;
+      tile.cc_log2 = 0;
+      while ((1 << tile.cc_log2) < cc) ++tile.cc_log2;
+      tile.xr_cap = static_cast<int>(xr);
+      tile.or_cap = static_cast<int>(orr);
+      return true;
+    }
+    if (bytes > kSmemBytes && th * tw > 16) {  // smaller tile
+      if (th >= tw) {
+        th /= 2;
+      } else {
+        tw /= 2;
+      }
+    } else if (bytes > kSmemBytes && cc > 1) {  // fewer channels per block
+      cc /= 2;
+    } else {
+      return false;
+    }
+  }
+}
+
+// The whole rule in one launch when every group has one input channel; false (nothing
+// launched) when no tile fits, and the caller runs the general path.
+template <typename scalar_t>
+bool try_depthwise_rule(bool cl, const at::Tensor& grad, const at::Tensor& x,
+                        const at::Tensor& y, at::Tensor& gx, int64_t B, int64_t N, int64_t C,
+                        int64_t K, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                        const Geom& geom, double eps, const at::Tensor& scale,
+                        const at::Tensor& shift, int64_t act, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  DwTile tile;
+  if (!pick_depthwise_tile(cl, C, static_cast<int>(H), static_cast<int>(W),
+                           static_cast<int>(Ho), static_cast<int>(Wo), geom, sizeof(acc_t),
+                           tile)) {
+    return false;
+  }
+  const BnFold<acc_t> fold{scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr,
+                           shift.defined() ? shift.const_data_ptr<acc_t>() : nullptr,
+                           static_cast<acc_t>(eps), act};
+  const int64_t chunks = (C + tile.cc - 1) / tile.cc;
+  const int64_t tiles = ((H + tile.th - 1) / tile.th) * ((W + tile.tw - 1) / tile.tw);
+  const int threads = std::max(64, cuda_detail::pow2_at_least(int64_t{tile.th} * tile.tw * tile.cc,
+                                                              kThreads));
+  const size_t smem = static_cast<size_t>(tile.xr_cap + 2 * tile.or_cap) * tile.cc * sizeof(acc_t);
+  const unsigned int grid = cuda_detail::grid_for(N * chunks * tiles, 1);
+  const scalar_t* g_ptr = grad.const_data_ptr<scalar_t>();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
+  scalar_t* gx_ptr = gx.mutable_data_ptr<scalar_t>();
+  const int h = static_cast<int>(H), w = static_cast<int>(W);
+  const int ho = static_cast<int>(Ho), wo = static_cast<int>(Wo);
+  if (cl) {
+    depthwise_rule_kernel<scalar_t, acc_t, true><<<grid, threads, smem, stream>>>(
+        g_ptr, x_ptr, y_ptr, gx_ptr, B / N, N, C, K / C, h, w, ho, wo, geom, tile, fold,
+        static_cast<acc_t>(eps));
+  } else {
+    depthwise_rule_kernel<scalar_t, acc_t, false><<<grid, threads, smem, stream>>>(
+        g_ptr, x_ptr, y_ptr, gx_ptr, B / N, N, C, K / C, h, w, ho, wo, geom, tile, fold,
+        static_cast<acc_t>(eps));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 // All launches of one call. index_t is int32_t when every flat index fits (the common case:
@@ -481,6 +779,10 @@ at::Tensor conv_rule_cuda(const char* op, const at::Tensor& grad_in, const at::T
           static_cast<acc_t>(bn_eps), Kc, sc.mutable_data_ptr<acc_t>(),
           sh.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (C == G && try_depthwise_rule<scalar_t>(cl, grad, x, y, gx, B, N, C, K, H, W, Ho, Wo,
+                                               geom, eps, sc, sh, act, stream)) {
+      return;  // one input channel per group: the one-kernel path
     }
     if (use32) {
       run_conv2d_backward<scalar_t, int32_t>(cl, grad, x, y, gx, B, N, C, K, G, H, W, Ho, Wo,

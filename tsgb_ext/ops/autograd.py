@@ -26,19 +26,38 @@ _lib = "tsgb_ext::"
 _split_cache: dict = {}
 
 
-def split_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode((weight,)) is not None:
-        w = weight.double() if weight.dtype == torch.float32 else weight
-        return _rules.split_weight(w)
-    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-    hit = _split_cache.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == key:
-        return hit[2], hit[3]
+def _capturing(t: torch.Tensor) -> bool:
+    """True inside a CUDA-graph capture on the current stream (kernels launched now only run
+    at replay)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _split_fresh(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         w = weight.detach()
         w = w.double() if w.dtype == torch.float32 else w
         wp, wn = _rules.split_weight(w)
-        wp, wn = wp.contiguous(), wn.contiguous()
+        return wp.contiguous(), wn.contiguous()
+
+
+def split_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """W+ and W- of ``weight`` (float32 weights in float64), cached per weight version.
+
+    Inside a CUDA-graph capture they are computed fresh and the cache is neither read nor
+    written: tensors made there are filled only when the graph replays, so a cached pair would
+    be garbage for an eager call before the first replay; and a cached pair read there would
+    tie the graph to memory the cache frees (and to values it no longer updates) when the
+    weight changes. Computed in the graph, the split follows the weight at every replay."""
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode((weight,)) is not None:
+        w = weight.double() if weight.dtype == torch.float32 else weight
+        return _rules.split_weight(w)
+    if _capturing(weight):
+        return _split_fresh(weight)
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    hit = _split_cache.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2], hit[3]
+    wp, wn = _split_fresh(weight)
     if len(_split_cache) > 64:
         for k in [k for k, v in _split_cache.items() if v[0]() is None]:
             del _split_cache[k]
@@ -54,7 +73,7 @@ def _linear_setup(ctx, inputs, output):
 def _eager(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or torch._guards.detect_fake_mode((t,)) is not None:
         return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    return not _capturing(t)
 
 
 def linear_rule(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
