@@ -782,6 +782,78 @@ def test_native_model_equals_hooks_backend(device, fmt):
     assert err <= 1e-10, err
 
 
+# ---- MaxPool2d whose output the model changes in place later in its forward ----------------
+# Valid PyTorch (torch's max_pool2d saves its input and indices, not its output) and fine with
+# the hooks backend; the native op keeps y for its backward and must not break on these.
+INPLACE_AFTER_POOL = {
+    "mul_": lambda y: y.mul_(0.5),
+    "relu_": lambda y: torch.relu_(y),
+    "iadd": lambda y: y.__iadd__(0.25),
+    "fill_row": lambda y: y[:, :, :1].fill_(0.0),  # an in-place write through a view of y
+}
+
+
+class PoolInplaceNet(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = INPLACE_AFTER_POOL[how]
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool1 = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool2 = nn.MaxPool2d(2, ceil_mode=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.pool1(self.conv1(x))
+        self.how(y)
+        z = torch.relu_(self.pool2(self.conv2(y)))  # relu_(pool(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("how", sorted(INPLACE_AFTER_POOL))
+def test_native_maxpool_output_changed_in_place(how, fuse):
+    model = PoolInplaceNet(how).double().eval()
+    x = torch.randn(2, 3, 15, 13, dtype=torch.float64)
+    ex = tsgb_ext.TSGB(model, backend="native", fuse=fuse)
+    got = ex.attribute(x, [1, 3])
+    assert ex.last_backend == "native"
+    want = tsgb_ext.TSGB(model, backend="hooks", fuse=fuse).attribute(x, [1, 3])
+    assert torch.isfinite(got).all() and want.abs().max() > 0
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= 1e-10, err
+
+
+def _bits_equal(a, b):
+    nan_a, nan_b = a.isnan(), b.isnan()
+    return (a.shape == b.shape and a.dtype == b.dtype and torch.equal(nan_a, nan_b)
+            and torch.equal(a[~nan_a], b[~nan_b])
+            and torch.equal(a[~nan_a].signbit(), b[~nan_b].signbit()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("how", sorted(INPLACE_AFTER_POOL))
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_pool2d_op_output_changed_in_place(device, how, fmt, dtype):
+    """The op's gradient stays torch's max_pool2d gradient, bit for bit, after the output was
+    changed in place (ties included: small integers)."""
+    gen = gen_of(11)
+    x0 = torch.randint(-3, 4, (2, 5, 11, 9), generator=gen).to(device, dtype)
+    x0 = FORMATS[fmt](x0)
+    args = ([3, 2], [2, 1], [1, 1], [1, 2], True)
+    grads = []
+    for pool in (lambda t: ops.max_pool2d(t, *args),
+                 lambda t: F.max_pool2d(t, args[0], args[1], args[2], args[3], ceil_mode=args[4])):
+        x = x0.detach().clone().requires_grad_(True)
+        y = pool(x * 1)  # a non-leaf input, like a layer's
+        INPLACE_AFTER_POOL[how](y)
+        g = torch.randn(y.shape, generator=gen_of(12), dtype=torch.float64).to(device, dtype)
+        (gx,) = torch.autograd.grad(y, x, g)
+        grads.append(gx)
+    assert _bits_equal(grads[0], grads[1])
+
+
 # ---- torch.compile ------------------------------------------------------------------------
 def _dynamo_or_skip():
     try:
