@@ -568,6 +568,30 @@ def test_bad_input_messages_name_the_argument(device):
             fn()
 
 
+def test_max_pool2d_cuda_forward_path_checks_on_cpu():
+    """CUDA's max_pool2d forward is the op's CompositeExplicitAutograd kernel (torch's own
+    max_pool2d after the shared checks). Called here on CPU tensors, it refuses what the CPU
+    kernel refuses, with the same messages (torch's would take a 3-D x)."""
+    op = ops.max_pool2d.default
+    composite = lambda *a: op._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *a)  # noqa: E731
+    x = torch.randn(2, 3, 8, 8)
+    good = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    assert torch.equal(composite(x, *good), F.max_pool2d(x, 3, 2, 1, 1, ceil_mode=True))
+    cases = [((x[0],) + good, r"tsgb_ext.max_pool2d: x must be 4-D \(N, C, H, W\), got shape \[3, 8, 8\]"),
+             ((x.long(),) + good, r"tsgb_ext.max_pool2d: x must be a floating tensor"),
+             ((x, [3, 3], [2, 2], [2, 1], [1, 1], False), r"tsgb_ext.max_pool2d: padding must be at most half"),
+             ((x, [3], [2, 2], [1, 1], [1, 1], False), r"tsgb_ext.max_pool2d: kernel_size must have 2 elements"),
+             ((x, [3, 3], [0, 2], [1, 1], [1, 1], False), r"tsgb_ext.max_pool2d: stride must be positive"),
+             ((x[:, :, :2, :2], [3, 3], [1, 1], [0, 0], [1, 1], False),
+              r"tsgb_ext.max_pool2d: the window .* does not fit")]
+    for args, pattern in cases:
+        for fn in (composite, ops.max_pool2d):  # the CUDA path and the CPU kernel
+            with pytest.raises(RuntimeError, match=pattern):
+                fn(*args)
+    with pytest.raises(RuntimeError, match=cases[0][1]):  # the fake kernel (torch.compile)
+        ops.max_pool2d(x[0].to("meta"), *good)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a second device)")
 def test_bad_input_mismatched_devices():
     x, y, g, W = _good_args("cuda")
