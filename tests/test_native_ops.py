@@ -221,10 +221,11 @@ ACT_MASK = {0: lambda yb: torch.ones_like(yb, dtype=torch.bool), 1: lambda yb: y
 
 def ref_conv_bn_rule(g, x, y, scale, shift, bn_eps, act, k, s, p, d, G):
     """The three unfused rules in float64: activation gradient, BN rule (divisor y + 1e-10;
-    bn_eps is already inside scale), conv rule."""
+    bn_eps is already inside scale), conv rule. The activation's mask tests the BN output
+    rounded to y's dtype, as the forward stored it; the BN rule takes the unrounded value."""
     y64 = y.double()
     yb = y64 * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
-    ga = g.double() * ref._tile(ACT_MASK[act](yb), g.shape[0])
+    ga = g.double() * ref._tile(ACT_MASK[act](yb.to(y.dtype).double()), g.shape[0])
     return ref.conv_rule(ref.bn_rule(ga, y64, yb), x, y, k, s, p, d, G, EPS)
 
 
@@ -257,6 +258,62 @@ def _check_conv2d_bn_backward(c, device, dtype):
                             c["k"], c["s"], c["p"], c["d"], c["G"])
     assume_representable(want, dtype)
     check_close(out, want, dtype, f"conv2d_bn_backward act={act} {c}")
+
+
+def _rounding_band_case(dtype):
+    """conv (identity, so y = x exactly) -> BN -> activation inputs whose BN outputs, computed
+    in float32, round to where the activation's gradient is 0 in `dtype` although the float32
+    value is inside the open interval: channel 0 to just under 6 (bfloat16: (5.984, 6), float16:
+    (5.998, 6)), stored as 6.0 (ReLU6); channel 1 to a positive value under half the smallest
+    subnormal, stored as 0 (ReLU, ReLU6: float16 only, a bfloat16 one is too small to matter)."""
+    fi = torch.finfo(dtype)
+    ulp6 = 4 * fi.eps                                    # the spacing of dtype's values at 6
+    tiny = fi.smallest_normal * fi.eps                   # the smallest subnormal
+    N, C, H, W = 2, 2, 8, 12
+    gen = gen_of(21)
+    x = (torch.rand(N, C, H, W, generator=gen, dtype=torch.float64) * 2.5 + 0.5)
+    x[..., :4] = tiny                                     # columns 0-3: tiny in both channels
+    x[..., 4:8] = 6.0                                     # columns 4-7: 6 (then just under)
+    x = x.to(dtype)
+    w = torch.zeros(C, C, 3, 3, dtype=dtype)
+    w[0, 0, 1, 1] = w[1, 1, 1, 1] = 1                     # the identity conv: y == x exactly
+    bn_eps = 1e-5
+    rm = torch.zeros(C)
+    rv = torch.ones(C)
+    target = torch.tensor([1 - ulp6 / 24, 0.4], dtype=torch.float64)  # BN scale per channel
+    bw = (target * (1 + bn_eps) ** 0.5).float()
+    bb = torch.zeros(C)
+    g = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    return x, w, (rm, rv, bw, bb, bn_eps), g
+
+
+@pytest.mark.skipif(not HAS_CONV_BN, reason="built without the fused conv -> BN ops")
+# (bfloat16 with ReLU: a float32 value that rounds to 0 in bfloat16 is a float32 subnormal,
+# whose relevance is far below anything the comparison could see)
+@pytest.mark.parametrize("dtype,act", [(torch.float16, 1), (torch.float16, 2),
+                                       (torch.bfloat16, 2)], ids=str)
+def test_conv2d_bn_act_masks_the_rounded_bn_output(dtype, act):
+    """The fused rule's activation mask must see what the unfused forward's activation saw:
+    the BN output rounded to the dtype. Compared with conv -> BN -> F.relu(6) run as separate
+    native ops in that dtype (torch's own ReLU / ReLU6 gradient)."""
+    x0, w, (rm, rv, bw, bb, bn_eps), g = _rounding_band_case(dtype)
+    geom = ([1, 1], [1, 1], [1, 1], 1)
+    x = x0.clone().requires_grad_(True)
+    out, _ = ops.conv2d_bn_act(x, w, None, *geom, rm, rv, bw, bb, bn_eps, act)
+    (fused,) = torch.autograd.grad(out, x, g)
+    xu = x0.clone().requires_grad_(True)
+    z = ops.batch_norm(ops.conv2d(xu, w, None, *geom), rm, rv, bw, bb, bn_eps)
+    a = F.relu6(z) if act == 2 else F.relu(z)
+    (unfused,) = torch.autograd.grad(a, xu, g)
+    assert torch.equal(out, a)
+    if act == 2:  # the crafted values are where they should be
+        assert (z[:, 0, :, 4:8] == 6).all() and (out[:, 0, :, 4:8] == 6).all()
+    if dtype == torch.float16:
+        assert (z[:, 1, :, :4] == 0).all()
+    # the unfused chain rounds its intermediate gradients to dtype: a few units of its eps
+    err = (fused.double() - unfused.double()).abs().max().item()
+    scale = unfused.double().abs().max().item()
+    assert err <= 8 * torch.finfo(dtype).eps * scale, (err, scale)
 
 
 @pytest.mark.skipif(not HAS_CONV_BN, reason="built without the fused conv -> BN ops")

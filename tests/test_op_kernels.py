@@ -384,10 +384,14 @@ def test_conv2d_backward_cuda_graph(layout):
 
 def ref_fold_factor(y, scale, shift, act):
     """m(yb) * yb / (y + 1e-10): what the folded rules multiply the block's gradient by,
-    before the conv rule multiplies by y (float64). The BN's own eps is inside scale only."""
+    before the conv rule multiplies by y (float64). The BN's own eps is inside scale only.
+    The mask m tests yb rounded to y's dtype (what the forward's activation saw); the product
+    keeps the unrounded yb."""
     yd = y.double().cpu()
     yb = yd * scale.double().cpu().view(1, -1, 1, 1) + shift.double().cpu().view(1, -1, 1, 1)
-    mask = {0: torch.ones_like(yb, dtype=torch.bool), 1: yb > 0, 2: (yb > 0) & (yb < 6)}[act]
+    seen = yb.to(y.dtype).double()
+    mask = {0: torch.ones_like(yb, dtype=torch.bool), 1: seen > 0,
+            2: (seen > 0) & (seen < 6)}[act]
     return torch.where(mask, yb, torch.zeros_like(yb)) / (yd + EPS)
 
 
