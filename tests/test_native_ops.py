@@ -495,6 +495,36 @@ def test_linear_backward_all_zero_zn_is_finite(device):
     torch.testing.assert_close(out, g @ W, rtol=1e-12, atol=0)
 
 
+def _linear_overflow_case(dtype, device):
+    """x nearly orthogonal to W-: beta = zp / |zn| is finite in float32 but gx's negative
+    term is beyond dtype's range (float16: x = [1, 6e-8], W = [1, -1], beta = 1.7e7;
+    bfloat16: zp = 4e30, |zn| = 1e-8, beta = 4e38, beyond float32's range too)."""
+    if dtype == torch.float16:
+        x, W = [[1.0, 6e-8]], [[1.0, -1.0]]
+    else:
+        x, W = [[1e30, 1e-8]], [[4.0, -1.0]]
+    x = torch.tensor(x, dtype=dtype, device=device)
+    W = torch.tensor(W, dtype=dtype, device=device)
+    return x, W, torch.ones(1, 1, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_backward_saturates_half_types(device, dtype):
+    """Like every other kernel, results beyond a half type's range saturate to its largest
+    finite value instead of becoming inf (and inf * 0 = NaN in the next product)."""
+    x, W, g = _linear_overflow_case(dtype, device)
+    out = ops.linear_backward(g, x, W.clamp(min=0), W.clamp(max=0), EPS)
+    want = torch.tensor([[W[0, 0].item(), -torch.finfo(dtype).max]], dtype=dtype, device=device)
+    assert torch.equal(out, want), out
+    # the classifier op's Python rule (tsgb_ext.ops.autograd.linear_rule) and its autograd
+    from tsgb_ext.ops.autograd import linear_rule
+    assert torch.equal(linear_rule(g, x, W), want)
+    xr = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(ops.linear(xr, W, None), xr, g)
+    assert torch.equal(gx, want)
+
+
 # ---- memory format, empty inputs -----------------------------------------------------------
 def _backward_calls(device, fmt_x, fmt_other=torch.contiguous_format, n=2, t=2):
     x = torch.randn(n, 4, 9, 7, device=device).abs().add(0.5).contiguous(memory_format=fmt_x)
