@@ -78,7 +78,7 @@ inline at::MemoryFormat pick_memory_format(const at::Tensor& x) {
 // Reuse of activation memory across CPU calls (csrc/cpu/activation_cache.cpp): hold/release
 // keep freed blocks for reuse while any holder exists; inside enter/exit, this thread's CPU
 // allocations of 64 KiB and more come from the cache. stats: {installed, holders,
-// cached bytes, bytes in use, hits, misses}.
+// cached bytes, bytes in use, hits, misses, bound (the largest single call's working set)}.
 void activation_cache_hold();
 void activation_cache_release();
 void activation_scope_enter();
