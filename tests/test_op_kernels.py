@@ -308,6 +308,46 @@ def test_cpu_isa_choice_errors():
         torch.ops.tsgb_ext.cpu_isa(before)
 
 
+_ISA_CHILD = """
+import json, warnings
+import torch
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    import tsgb_ext
+    x = torch.randn(1, 2, 6, 6)
+    y = torch.nn.functional.conv2d(x, torch.randn(3, 2, 3, 3))
+    torch.ops.tsgb_ext.conv2d_backward(torch.randn_like(y), x, y, [3, 3], [1, 1], [0, 0],
+                                       [1, 1], 1, 1e-10)  # a kernel run: the ISA is chosen
+    active = torch.ops.tsgb_ext.cpu_isa()
+print(json.dumps({"active": active, "warnings": [[w.category.__name__, str(w.message)]
+                                                  for w in seen if "TSGB_CPU_ISA" in str(w.message)]}))
+"""
+
+
+def test_cpu_isa_env_bad_value_is_one_python_warning():
+    """TSGB_CPU_ISA=garbage: one Python RuntimeWarning naming the variable, the value and the
+    accepted values, the best instruction set runs, and nothing is printed on stderr."""
+    if DEV != "cpu":
+        pytest.skip("CPU kernels")
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, TSGB_CPU_ISA="garbage")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tsgb_ext.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "python"),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _ISA_CHILD], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["warnings"]) == 1, out
+    category, message = out["warnings"][0]
+    assert category == "RuntimeWarning"
+    for part in ("TSGB_CPU_ISA", "'garbage'", "'auto'", "'default'", "'avx2'", "'avx512'"):
+        assert part in message, message
+    assert out["active"] == _cpu_isas()[-1]  # ignored: the widest this CPU runs
+
 def test_conv2d_backward_mixed_layouts():
     # x channels_last, grad and y NCHW (and the reverse): the result follows x
     cfg = CONV_CFGS[0]
