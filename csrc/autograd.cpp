@@ -263,6 +263,19 @@ using MaxPoolSig = at::Tensor(const at::Tensor&, IntArrayRef, IntArrayRef, IntAr
 using MaxPoolBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, bool);
 
+const c10::TypedOperatorHandle<MaxPoolSig>& max_pool2d_op() {
+  static const auto op = handle<MaxPoolSig>("tsgb_ext::max_pool2d");
+  return op;
+}
+
+// The backward needs y to find the tap each window chose, but a model may change the pool's
+// output in place later in its forward (`y = pool(x); y.mul_(0.5)`, `relu_(pool(x))`, `+=`),
+// which is valid PyTorch: torch's own max_pool2d saves its input and indices, never its output.
+// Saving y with save_for_backward would make such models fail ("modified by an inplace
+// operation"). So only x is saved; y is kept as a detached alias (it shares y's storage and
+// version counter, and holds no grad_fn, so no reference cycle output -> node -> output) with
+// its version at save time. If that version moved by backward time, y is recomputed from x
+// with the same forward op, which gives the same values bit for bit.
 struct MaxPoolFn : public torch::autograd::Function<MaxPoolFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, IntArrayRef kernel_size,
                             IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
@@ -270,10 +283,11 @@ struct MaxPoolFn : public torch::autograd::Function<MaxPoolFn> {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      static const auto op = handle<MaxPoolSig>("tsgb_ext::max_pool2d");
-      y = op.call(x, kernel_size, stride, padding, dilation, ceil_mode);
+      y = max_pool2d_op().call(x, kernel_size, stride, padding, dilation, ceil_mode);
     }
-    ctx->save_for_backward({x, y});
+    ctx->save_for_backward({x});
+    ctx->saved_data["y"] = y.detach();
+    ctx->saved_data["y_version"] = static_cast<int64_t>(y._version());
     ctx->saved_data["k"] = kernel_size.vec();
     ctx->saved_data["s"] = stride.vec();
     ctx->saved_data["p"] = padding.vec();
@@ -285,12 +299,17 @@ struct MaxPoolFn : public torch::autograd::Function<MaxPoolFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return variable_list(6);
+    const at::Tensor& x = saved[0];
+    const auto k = ctx->saved_data["k"].toIntVector(), s = ctx->saved_data["s"].toIntVector(),
+               p = ctx->saved_data["p"].toIntVector(), d = ctx->saved_data["d"].toIntVector();
+    const bool ceil = ctx->saved_data["ceil"].toBool();
+    at::Tensor y = ctx->saved_data["y"].toTensor();
+    if (y._version() != ctx->saved_data["y_version"].toInt()) {  // changed in place since
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = max_pool2d_op().call(x, k, s, p, d, ceil);
+    }
     static const auto bwd = handle<MaxPoolBwdSig>("tsgb_ext::max_pool2d_backward");
-    return with_undefined(
-        bwd.call(grads[0], saved[0], saved[1], ctx->saved_data["k"].toIntVector(),
-                 ctx->saved_data["s"].toIntVector(), ctx->saved_data["p"].toIntVector(),
-                 ctx->saved_data["d"].toIntVector(), ctx->saved_data["ceil"].toBool()),
-        6);
+    return with_undefined(bwd.call(grads[0], x, y, k, s, p, d, ceil), 6);
   }
 };
 

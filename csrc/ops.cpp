@@ -14,6 +14,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "common/checks.h"
 #include "common/tsgb_common.h"
 #include "cpu/cpu_isa.h"
 
@@ -77,23 +78,16 @@ at::Tensor avg_pool2d_forward(const at::Tensor& x, at::IntArrayRef kernel_size,
                         divisor_override);
 }
 
-// max_pool2d on devices without a kernel of ours (CUDA): torch's own, and for the backward
-// torch's with the indices found again by its forward. The CPU has kernels that keep no
-// indices (csrc/cpu/max_pool2d.cpp).
+// max_pool2d on devices without a forward kernel of ours (CUDA): torch's own, after the shared
+// argument checks (common/checks.h), so every device refuses the same arguments with the same
+// messages (torch's would accept a 3-D x). The CPU has kernels that keep no indices
+// (csrc/cpu/max_pool2d.cpp); the backward is a kernel per device (csrc/cuda/max_pool2d_backward.cu).
 at::Tensor max_pool2d_forward(const at::Tensor& x, at::IntArrayRef kernel_size,
                               at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation, bool ceil_mode) {
+  check_max_pool2d_args("tsgb_ext.max_pool2d", x, kernel_size, stride, padding, dilation,
+                        ceil_mode);
   return at::max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode);
-}
-
-at::Tensor max_pool2d_backward_composite(const at::Tensor& grad, const at::Tensor& x,
-                                         const at::Tensor& /*y*/, at::IntArrayRef kernel_size,
-                                         at::IntArrayRef stride, at::IntArrayRef padding,
-                                         at::IntArrayRef dilation, bool ceil_mode) {
-  const auto [y, indices] = at::max_pool2d_with_indices(x, kernel_size, stride, padding,
-                                                        dilation, ceil_mode);
-  return at::max_pool2d_with_indices_backward(grad, x, kernel_size, stride, padding, dilation,
-                                              ceil_mode, indices);
 }
 
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -191,5 +185,4 @@ TORCH_LIBRARY_IMPL(tsgb_ext, CompositeExplicitAutograd, m) {
   m.impl("avg_pool2d", &tsgb::avg_pool2d_forward);
   m.impl("linear", &tsgb::linear_forward);
   m.impl("max_pool2d", &tsgb::max_pool2d_forward);
-  m.impl("max_pool2d_backward", &tsgb::max_pool2d_backward_composite);
 }

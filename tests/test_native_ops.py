@@ -221,10 +221,11 @@ ACT_MASK = {0: lambda yb: torch.ones_like(yb, dtype=torch.bool), 1: lambda yb: y
 
 def ref_conv_bn_rule(g, x, y, scale, shift, bn_eps, act, k, s, p, d, G):
     """The three unfused rules in float64: activation gradient, BN rule (divisor y + 1e-10;
-    bn_eps is already inside scale), conv rule."""
+    bn_eps is already inside scale), conv rule. The activation's mask tests the BN output
+    rounded to y's dtype, as the forward stored it; the BN rule takes the unrounded value."""
     y64 = y.double()
     yb = y64 * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
-    ga = g.double() * ref._tile(ACT_MASK[act](yb), g.shape[0])
+    ga = g.double() * ref._tile(ACT_MASK[act](yb.to(y.dtype).double()), g.shape[0])
     return ref.conv_rule(ref.bn_rule(ga, y64, yb), x, y, k, s, p, d, G, EPS)
 
 
@@ -257,6 +258,62 @@ def _check_conv2d_bn_backward(c, device, dtype):
                             c["k"], c["s"], c["p"], c["d"], c["G"])
     assume_representable(want, dtype)
     check_close(out, want, dtype, f"conv2d_bn_backward act={act} {c}")
+
+
+def _rounding_band_case(dtype):
+    """conv (identity, so y = x exactly) -> BN -> activation inputs whose BN outputs, computed
+    in float32, round to where the activation's gradient is 0 in `dtype` although the float32
+    value is inside the open interval: channel 0 to just under 6 (bfloat16: (5.984, 6), float16:
+    (5.998, 6)), stored as 6.0 (ReLU6); channel 1 to a positive value under half the smallest
+    subnormal, stored as 0 (ReLU, ReLU6: float16 only, a bfloat16 one is too small to matter)."""
+    fi = torch.finfo(dtype)
+    ulp6 = 4 * fi.eps                                    # the spacing of dtype's values at 6
+    tiny = fi.smallest_normal * fi.eps                   # the smallest subnormal
+    N, C, H, W = 2, 2, 8, 12
+    gen = gen_of(21)
+    x = (torch.rand(N, C, H, W, generator=gen, dtype=torch.float64) * 2.5 + 0.5)
+    x[..., :4] = tiny                                     # columns 0-3: tiny in both channels
+    x[..., 4:8] = 6.0                                     # columns 4-7: 6 (then just under)
+    x = x.to(dtype)
+    w = torch.zeros(C, C, 3, 3, dtype=dtype)
+    w[0, 0, 1, 1] = w[1, 1, 1, 1] = 1                     # the identity conv: y == x exactly
+    bn_eps = 1e-5
+    rm = torch.zeros(C)
+    rv = torch.ones(C)
+    target = torch.tensor([1 - ulp6 / 24, 0.4], dtype=torch.float64)  # BN scale per channel
+    bw = (target * (1 + bn_eps) ** 0.5).float()
+    bb = torch.zeros(C)
+    g = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    return x, w, (rm, rv, bw, bb, bn_eps), g
+
+
+@pytest.mark.skipif(not HAS_CONV_BN, reason="built without the fused conv -> BN ops")
+# (bfloat16 with ReLU: a float32 value that rounds to 0 in bfloat16 is a float32 subnormal,
+# whose relevance is far below anything the comparison could see)
+@pytest.mark.parametrize("dtype,act", [(torch.float16, 1), (torch.float16, 2),
+                                       (torch.bfloat16, 2)], ids=str)
+def test_conv2d_bn_act_masks_the_rounded_bn_output(dtype, act):
+    """The fused rule's activation mask must see what the unfused forward's activation saw:
+    the BN output rounded to the dtype. Compared with conv -> BN -> F.relu(6) run as separate
+    native ops in that dtype (torch's own ReLU / ReLU6 gradient)."""
+    x0, w, (rm, rv, bw, bb, bn_eps), g = _rounding_band_case(dtype)
+    geom = ([1, 1], [1, 1], [1, 1], 1)
+    x = x0.clone().requires_grad_(True)
+    out, _ = ops.conv2d_bn_act(x, w, None, *geom, rm, rv, bw, bb, bn_eps, act)
+    (fused,) = torch.autograd.grad(out, x, g)
+    xu = x0.clone().requires_grad_(True)
+    z = ops.batch_norm(ops.conv2d(xu, w, None, *geom), rm, rv, bw, bb, bn_eps)
+    a = F.relu6(z) if act == 2 else F.relu(z)
+    (unfused,) = torch.autograd.grad(a, xu, g)
+    assert torch.equal(out, a)
+    if act == 2:  # the crafted values are where they should be
+        assert (z[:, 0, :, 4:8] == 6).all() and (out[:, 0, :, 4:8] == 6).all()
+    if dtype == torch.float16:
+        assert (z[:, 1, :, :4] == 0).all()
+    # the unfused chain rounds its intermediate gradients to dtype: a few units of its eps
+    err = (fused.double() - unfused.double()).abs().max().item()
+    scale = unfused.double().abs().max().item()
+    assert err <= 8 * torch.finfo(dtype).eps * scale, (err, scale)
 
 
 @pytest.mark.skipif(not HAS_CONV_BN, reason="built without the fused conv -> BN ops")
@@ -512,6 +569,37 @@ def test_split_weight_in_cuda_graph(dtype):
     want_p, want_n = _split_ref(w)
     assert torch.equal(p, want_p) and torch.equal(n, want_n)
 
+
+def _linear_overflow_case(dtype, device):
+    """x nearly orthogonal to W-: beta = zp / |zn| is finite in float32 but gx's negative
+    term is beyond dtype's range (float16: x = [1, 6e-8], W = [1, -1], beta = 1.7e7;
+    bfloat16: zp = 4e30, |zn| = 1e-8, beta = 4e38, beyond float32's range too)."""
+    if dtype == torch.float16:
+        x, W = [[1.0, 6e-8]], [[1.0, -1.0]]
+    else:
+        x, W = [[1e30, 1e-8]], [[4.0, -1.0]]
+    x = torch.tensor(x, dtype=dtype, device=device)
+    W = torch.tensor(W, dtype=dtype, device=device)
+    return x, W, torch.ones(1, 1, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_backward_saturates_half_types(device, dtype):
+    """Like every other kernel, results beyond a half type's range saturate to its largest
+    finite value instead of becoming inf (and inf * 0 = NaN in the next product)."""
+    x, W, g = _linear_overflow_case(dtype, device)
+    out = ops.linear_backward(g, x, W.clamp(min=0), W.clamp(max=0), EPS)
+    want = torch.tensor([[W[0, 0].item(), -torch.finfo(dtype).max]], dtype=dtype, device=device)
+    assert torch.equal(out, want), out
+    # the classifier op's Python rule (tsgb_ext.ops.autograd.linear_rule) and its autograd
+    from tsgb_ext.ops.autograd import linear_rule
+    assert torch.equal(linear_rule(g, x, W), want)
+    xr = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(ops.linear(xr, W, None), xr, g)
+    assert torch.equal(gx, want)
+
+
 # ---- memory format, empty inputs -----------------------------------------------------------
 def _backward_calls(device, fmt_x, fmt_other=torch.contiguous_format, n=2, t=2):
     x = torch.randn(n, 4, 9, 7, device=device).abs().add(0.5).contiguous(memory_format=fmt_x)
@@ -640,6 +728,30 @@ def test_bad_input_messages_name_the_argument(device):
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
+
+
+def test_max_pool2d_cuda_forward_path_checks_on_cpu():
+    """CUDA's max_pool2d forward is the op's CompositeExplicitAutograd kernel (torch's own
+    max_pool2d after the shared checks). Called here on CPU tensors, it refuses what the CPU
+    kernel refuses, with the same messages (torch's would take a 3-D x)."""
+    op = ops.max_pool2d.default
+    composite = lambda *a: op._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *a)  # noqa: E731
+    x = torch.randn(2, 3, 8, 8)
+    good = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    assert torch.equal(composite(x, *good), F.max_pool2d(x, 3, 2, 1, 1, ceil_mode=True))
+    cases = [((x[0],) + good, r"tsgb_ext.max_pool2d: x must be 4-D \(N, C, H, W\), got shape \[3, 8, 8\]"),
+             ((x.long(),) + good, r"tsgb_ext.max_pool2d: x must be a floating tensor"),
+             ((x, [3, 3], [2, 2], [2, 1], [1, 1], False), r"tsgb_ext.max_pool2d: padding must be at most half"),
+             ((x, [3], [2, 2], [1, 1], [1, 1], False), r"tsgb_ext.max_pool2d: kernel_size must have 2 elements"),
+             ((x, [3, 3], [0, 2], [1, 1], [1, 1], False), r"tsgb_ext.max_pool2d: stride must be positive"),
+             ((x[:, :, :2, :2], [3, 3], [1, 1], [0, 0], [1, 1], False),
+              r"tsgb_ext.max_pool2d: the window .* does not fit")]
+    for args, pattern in cases:
+        for fn in (composite, ops.max_pool2d):  # the CUDA path and the CPU kernel
+            with pytest.raises(RuntimeError, match=pattern):
+                fn(*args)
+    with pytest.raises(RuntimeError, match=cases[0][1]):  # the fake kernel (torch.compile)
+        ops.max_pool2d(x[0].to("meta"), *good)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a second device)")
@@ -854,6 +966,78 @@ def test_native_model_equals_hooks_backend(device, fmt):
     assert torch.isfinite(got).all()
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert err <= 1e-10, err
+
+
+# ---- MaxPool2d whose output the model changes in place later in its forward ----------------
+# Valid PyTorch (torch's max_pool2d saves its input and indices, not its output) and fine with
+# the hooks backend; the native op keeps y for its backward and must not break on these.
+INPLACE_AFTER_POOL = {
+    "mul_": lambda y: y.mul_(0.5),
+    "relu_": lambda y: torch.relu_(y),
+    "iadd": lambda y: y.__iadd__(0.25),
+    "fill_row": lambda y: y[:, :, :1].fill_(0.0),  # an in-place write through a view of y
+}
+
+
+class PoolInplaceNet(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = INPLACE_AFTER_POOL[how]
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool1 = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool2 = nn.MaxPool2d(2, ceil_mode=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.pool1(self.conv1(x))
+        self.how(y)
+        z = torch.relu_(self.pool2(self.conv2(y)))  # relu_(pool(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("how", sorted(INPLACE_AFTER_POOL))
+def test_native_maxpool_output_changed_in_place(how, fuse):
+    model = PoolInplaceNet(how).double().eval()
+    x = torch.randn(2, 3, 15, 13, dtype=torch.float64)
+    ex = tsgb_ext.TSGB(model, backend="native", fuse=fuse)
+    got = ex.attribute(x, [1, 3])
+    assert ex.last_backend == "native"
+    want = tsgb_ext.TSGB(model, backend="hooks", fuse=fuse).attribute(x, [1, 3])
+    assert torch.isfinite(got).all() and want.abs().max() > 0
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= 1e-10, err
+
+
+def _bits_equal(a, b):
+    nan_a, nan_b = a.isnan(), b.isnan()
+    return (a.shape == b.shape and a.dtype == b.dtype and torch.equal(nan_a, nan_b)
+            and torch.equal(a[~nan_a], b[~nan_b])
+            and torch.equal(a[~nan_a].signbit(), b[~nan_b].signbit()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("how", sorted(INPLACE_AFTER_POOL))
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_pool2d_op_output_changed_in_place(device, how, fmt, dtype):
+    """The op's gradient stays torch's max_pool2d gradient, bit for bit, after the output was
+    changed in place (ties included: small integers)."""
+    gen = gen_of(11)
+    x0 = torch.randint(-3, 4, (2, 5, 11, 9), generator=gen).to(device, dtype)
+    x0 = FORMATS[fmt](x0)
+    args = ([3, 2], [2, 1], [1, 1], [1, 2], True)
+    grads = []
+    for pool in (lambda t: ops.max_pool2d(t, *args),
+                 lambda t: F.max_pool2d(t, args[0], args[1], args[2], args[3], ceil_mode=args[4])):
+        x = x0.detach().clone().requires_grad_(True)
+        y = pool(x * 1)  # a non-leaf input, like a layer's
+        INPLACE_AFTER_POOL[how](y)
+        g = torch.randn(y.shape, generator=gen_of(12), dtype=torch.float64).to(device, dtype)
+        (gx,) = torch.autograd.grad(y, x, g)
+        grads.append(gx)
+    assert _bits_equal(grads[0], grads[1])
 
 
 # ---- torch.compile ------------------------------------------------------------------------

@@ -319,6 +319,46 @@ def test_cpu_isa_choice_errors():
         torch.ops.tsgb_ext.cpu_isa(before)
 
 
+_ISA_CHILD = """
+import json, warnings
+import torch
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    import tsgb_ext
+    x = torch.randn(1, 2, 6, 6)
+    y = torch.nn.functional.conv2d(x, torch.randn(3, 2, 3, 3))
+    torch.ops.tsgb_ext.conv2d_backward(torch.randn_like(y), x, y, [3, 3], [1, 1], [0, 0],
+                                       [1, 1], 1, 1e-10)  # a kernel run: the ISA is chosen
+    active = torch.ops.tsgb_ext.cpu_isa()
+print(json.dumps({"active": active, "warnings": [[w.category.__name__, str(w.message)]
+                                                  for w in seen if "TSGB_CPU_ISA" in str(w.message)]}))
+"""
+
+
+def test_cpu_isa_env_bad_value_is_one_python_warning():
+    """TSGB_CPU_ISA=garbage: one Python RuntimeWarning naming the variable, the value and the
+    accepted values, the best instruction set runs, and nothing is printed on stderr."""
+    if DEV != "cpu":
+        pytest.skip("CPU kernels")
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, TSGB_CPU_ISA="garbage")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tsgb_ext.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "python"),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _ISA_CHILD], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["warnings"]) == 1, out
+    category, message = out["warnings"][0]
+    assert category == "RuntimeWarning"
+    for part in ("TSGB_CPU_ISA", "'garbage'", "'auto'", "'default'", "'avx2'", "'avx512'"):
+        assert part in message, message
+    assert out["active"] == _cpu_isas()[-1]  # ignored: the widest this CPU runs
+
 def test_conv2d_backward_mixed_layouts():
     # x channels_last, grad and y NCHW (and the reverse): the result follows x
     cfg = CONV_CFGS[0]
@@ -395,10 +435,14 @@ def test_conv2d_backward_cuda_graph(layout):
 
 def ref_fold_factor(y, scale, shift, act):
     """m(yb) * yb / (y + 1e-10): what the folded rules multiply the block's gradient by,
-    before the conv rule multiplies by y (float64). The BN's own eps is inside scale only."""
+    before the conv rule multiplies by y (float64). The BN's own eps is inside scale only.
+    The mask m tests yb rounded to y's dtype (what the forward's activation saw); the product
+    keeps the unrounded yb."""
     yd = y.double().cpu()
     yb = yd * scale.double().cpu().view(1, -1, 1, 1) + shift.double().cpu().view(1, -1, 1, 1)
-    mask = {0: torch.ones_like(yb, dtype=torch.bool), 1: yb > 0, 2: (yb > 0) & (yb < 6)}[act]
+    seen = yb.to(y.dtype).double()
+    mask = {0: torch.ones_like(yb, dtype=torch.bool), 1: seen > 0,
+            2: (seen > 0) & (seen < 6)}[act]
     return torch.where(mask, yb, torch.zeros_like(yb)) / (yd + EPS)
 
 
@@ -767,13 +811,86 @@ def test_max_pool2d_equals_torch(idx, dtype, layout):
 
 
 def test_max_pool2d_errors():
+    """The shared checks (common/checks.h) on every device: torch's own max_pool2d would take
+    a 3-D x and word its messages differently."""
     x = torch.randn(2, 3, 8, 8, device=DEV)
-    with pytest.raises(RuntimeError, match="kernel_size must be positive"):
+    args = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match="tsgb_ext.max_pool2d: kernel_size must be positive"):
         ops().max_pool2d(x, [0, 2], [2, 2], [0, 0], [1, 1], False)
-    with pytest.raises(RuntimeError, match="padding must be at most half"):
+    with pytest.raises(RuntimeError, match="tsgb_ext.max_pool2d: padding must be at most half"):
         ops().max_pool2d(x, [2, 2], [2, 2], [2, 0], [1, 1], False)
-    with pytest.raises(RuntimeError, match="4-D|4D|dimensions"):
-        ops().max_pool2d(x[0], [2, 2], [2, 2], [0, 0], [1, 1], False)
-    y = ops().max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match=r"tsgb_ext.max_pool2d: x must be 4-D \(N, C, H, W\)"):
+        ops().max_pool2d(x[0], *args)
+    with pytest.raises(RuntimeError, match="tsgb_ext.max_pool2d: x must be a floating tensor"):
+        ops().max_pool2d(x.long(), *args)
+    with pytest.raises(RuntimeError, match="tsgb_ext.max_pool2d: the window .* does not fit"):
+        ops().max_pool2d(x[:, :, :1], [3, 3], [1, 1], [0, 0], [1, 1], False)
+    y = ops().max_pool2d(x, *args)
+    bwd = ops().max_pool2d_backward
     with pytest.raises(RuntimeError, match="grad must have y's shape"):
-        ops().max_pool2d_backward(y[:, :2], x, y, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        bwd(y[:, :2], x, y, *args)
+    with pytest.raises(RuntimeError, match="tsgb_ext.max_pool2d_backward: grad must be 4-D"):
+        bwd(y[0], x, y, *args)
+    with pytest.raises(RuntimeError, match="tsgb_ext.max_pool2d_backward: x must be 4-D"):
+        bwd(y, x[0], y, *args)
+    with pytest.raises(RuntimeError, match="tsgb_ext.max_pool2d_backward: y must have shape"):
+        bwd(y[:, :, :3], x, y[:, :, :3], *args)
+    with pytest.raises(RuntimeError, match="tsgb_ext.max_pool2d_backward: y must have dtype"):
+        bwd(y, x, y.double(), *args)
+
+
+def test_max_pool2d_backward_uses_saved_y():
+    """The backward finds each window's tap from x and the y it is given (the op keeps no
+    indices): a y naming another tap of its window sends that output's gradient there."""
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    x = x[..., torch.randperm(6)].contiguous().to(DEV)  # distinct values, maxima not in a corner
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], False)
+    y = ops().max_pool2d(x, *args)
+    g = torch.ones_like(y)
+    gx = ops().max_pool2d_backward(g, x, y, *args)
+    y2 = y.clone()
+    y2[1, 2, 1, 1] = x[1, 2, 1, 1]  # a tap of window (1, 1) other than its maximum
+    gx2 = ops().max_pool2d_backward(g, x, y2, *args)
+    moved = torch.zeros_like(gx)
+    moved[1, 2, 1, 1] += 1
+    src = (x[1, 2] == y[1, 2, 1, 1]).nonzero()[0]
+    moved[1, 2, src[0], src[1]] -= 1
+    assert torch.equal(gx2 - gx, moved)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_max_pool2d_backward_cuda_edge_cases(dtype, layout):
+    """CUDA: torch's CUDA gradient bit for bit where its kernels have particular rules: windows
+    whose taps are all -inf (NCHW: the first tap; channels_last: input 0), NaN windows (the
+    last NaN), +-0 ties, -0.0 gradients through one and through several candidate windows,
+    and half-type sums beyond the type's range (a plain cast: inf, as torch gives)."""
+    if DEV != "cuda":
+        pytest.skip("CUDA-only: torch's CUDA max_pool2d gradient rules")
+    gen = torch.Generator().manual_seed(5)
+    for k, s, p, d, ceil in [((3, 3), (1, 1), (1, 1), (1, 1), False),
+                             ((2, 2), (2, 2), (1, 1), (1, 1), True),
+                             ((3, 2), (2, 1), (1, 1), (2, 2), True),
+                             ((1, 1), (2, 2), (0, 0), (1, 1), False)]:
+        x = torch.randint(-2, 3, (2, 33, 9, 10), generator=gen).double()
+        x[torch.rand(x.shape, generator=gen) < 0.3] = -0.0
+        x[torch.rand(x.shape, generator=gen) < 0.4] = float("-inf")
+        x[torch.rand(x.shape, generator=gen) < 0.03] = float("nan")
+        x[0, 0] = float("-inf")  # a whole plane of -inf windows
+        x = _layout(x.to(DEV, dtype), layout)
+        args = (list(k), list(s), list(p), list(d), ceil)
+        y = ops().max_pool2d(x, *args)
+        assert _bits_equal(y, F.max_pool2d(x, k, s, p, d, ceil_mode=ceil))
+        big = torch.finfo(dtype).max / 4 if dtype != torch.float64 else 1.0
+        g = torch.randn(y.shape, generator=gen, dtype=torch.float64) * big
+        g[torch.rand(y.shape, generator=gen) < 0.3] = -0.0
+        g = g.to(DEV, dtype)
+        xr = x.detach().clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(F.max_pool2d(xr, k, s, p, d, ceil_mode=ceil), xr, g)
+        got = ops().max_pool2d_backward(g, x, y, *args)
+        assert _bits_equal(got, want), (k, s, p, d, ceil)
+        assert got.is_contiguous(memory_format=_expected_format(x))
+        # the op keeps no indices: its backward never reruns torch's forward
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            ops().max_pool2d_backward(g, x, y, *args)
+        assert not [e.name for e in prof.events() if "max_pool2d_with_indices" in e.name]

@@ -78,7 +78,7 @@ inline at::MemoryFormat pick_memory_format(const at::Tensor& x) {
 // Reuse of activation memory across CPU calls (csrc/cpu/activation_cache.cpp): hold/release
 // keep freed blocks for reuse while any holder exists; inside enter/exit, this thread's CPU
 // allocations of 64 KiB and more come from the cache. stats: {installed, holders,
-// cached bytes, bytes in use, hits, misses}.
+// cached bytes, bytes in use, hits, misses, bound (the largest single call's working set)}.
 void activation_cache_hold();
 void activation_cache_release();
 void activation_scope_enter();
@@ -152,26 +152,36 @@ struct BnFold {
 // eps is inside scale), and the activation's ordinary gradient is
 // g_bn = g * m(yb), m = 1 (none), 1[yb > 0] (ReLU), 1[0 < yb < 6] (ReLU6), so
 //   g_conv * y = g * f,   f = m(yb) * yb * y / (y + div_eps),   yb = y * scale + shift.
-// The mask selects yb before the division (a select of values, so CPU loops vectorise); the
-// result is what the unfused rules give, also where y + div_eps == 0.
-template <int64_t ACT, typename acc_t>
+// The forward's activation saw the BN output rounded to the tensor's dtype (scalar_t), so the
+// mask tests that rounded value: in bfloat16 a BN output in (5.984, 6) is stored as 6.0, where
+// ReLU6's gradient is 0 (float16: (5.998, 6)); in float16 a positive value under 2^-25 is
+// stored as 0, where ReLU's is 0. The product keeps the unrounded float yb. The mask selects
+// yb before the division (a select of values, so CPU loops vectorise); the result is what the
+// unfused rules give, also where y + div_eps == 0.
+template <int64_t ACT, typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline acc_t bn_act_factor_t(acc_t y, acc_t scale, acc_t shift, acc_t div_eps) {
   acc_t yb = y * scale + shift;
-  if constexpr (ACT == kActRelu) {
-    yb = yb > acc_t(0) ? yb : acc_t(0);
-  } else if constexpr (ACT == kActRelu6) {
-    yb = (yb > acc_t(0)) & (yb < acc_t(6)) ? yb : acc_t(0);
+  if constexpr (ACT == kActRelu || ACT == kActRelu6) {
+    acc_t seen = yb;  // the activation's input as the forward stored it
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      seen = static_cast<acc_t>(static_cast<scalar_t>(yb));
+    }
+    if constexpr (ACT == kActRelu) {
+      yb = seen > acc_t(0) ? yb : acc_t(0);
+    } else {
+      yb = (seen > acc_t(0)) & (seen < acc_t(6)) ? yb : acc_t(0);
+    }
   }
   return yb * y / (y + div_eps);
 }
 
 // The same with the activation chosen at run time.
-template <typename acc_t>
+template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline acc_t bn_act_factor(acc_t y, acc_t scale, acc_t shift, acc_t div_eps,
                                            int64_t act) {
-  return act == kActRelu    ? bn_act_factor_t<kActRelu>(y, scale, shift, div_eps)
-         : act == kActRelu6 ? bn_act_factor_t<kActRelu6>(y, scale, shift, div_eps)
-                            : bn_act_factor_t<kActNone>(y, scale, shift, div_eps);
+  return act == kActRelu    ? bn_act_factor_t<kActRelu, scalar_t>(y, scale, shift, div_eps)
+         : act == kActRelu6 ? bn_act_factor_t<kActRelu6, scalar_t>(y, scale, shift, div_eps)
+                            : bn_act_factor_t<kActNone, scalar_t>(y, scale, shift, div_eps);
 }
 
 // The BN arguments of conv2d_bn_backward (CPU and CUDA entry points).

@@ -14,14 +14,19 @@
 // frees them; when the last holder releases, the list is emptied. Blocks still in use then
 // (maps and logits handed to the caller) are freed normally when the caller drops them.
 //
-// Bounds: the list never holds more than the largest number of bytes the scoped allocations
-// had in use at once (a call's working set); a miss evicts other sizes first when over it.
+// Bounds: the list never holds more than the largest working set of a single call since the
+// list was last emptied: the bytes that call's own scoped allocations had in use at once. Blocks
+// from earlier calls that the caller still holds (maps, logits) do not count, so keeping results
+// while batch sizes vary does not raise the bound; it starts again from 0 when the last holder
+// releases (the next with-block starts fresh). A miss evicts other sizes first when over it.
 // Blocks under kMinBytes skip the list (glibc's small-block heap is already fast).
 #include <ATen/ATen.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include "common/tsgb_common.h"
 
+#include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -34,9 +39,11 @@ constexpr size_t kMinBytes = size_t(64) << 10;
 struct Block {
   c10::DataPtr inner;  // owned memory from the wrapped allocator
   size_t size;
+  uint64_t call;       // the call (scope) that allocated it last
 };
 
 thread_local int tls_depth = 0;
+thread_local uint64_t tls_call = 0;  // this thread's current call, while tls_depth > 0
 
 class ActivationCache final : public c10::Allocator {
  public:
@@ -58,6 +65,7 @@ class ActivationCache final : public c10::Allocator {
         b = it->second.back();
         it->second.pop_back();
         cached_ -= n;
+        b->call = tls_call;
         live_.emplace(b->inner.get(), b);
         ++hits_;
       } else {
@@ -72,11 +80,13 @@ class ActivationCache final : public c10::Allocator {
         }
       }
       in_use_ += n;
-      if (in_use_ > peak_) peak_ = in_use_;
+      size_t& call_bytes = calls_[tls_call];  // the call is registered by scope_enter
+      call_bytes += n;
+      if (call_bytes > peak_) peak_ = call_bytes;
     }
     for (Block* e : evicted) delete e;  // frees outside the lock
     if (b == nullptr) {  // a miss: new memory from the wrapped allocator
-      b = new Block{base_->allocate(n), n};
+      b = new Block{base_->allocate(n), n, tls_call};
       std::lock_guard<std::mutex> g(mu_);
       live_.emplace(b->inner.get(), b);
     }
@@ -108,17 +118,34 @@ class ActivationCache final : public c10::Allocator {
         }
         free_.clear();
         cached_ = 0;
-        peak_ = in_use_;
+        peak_ = 0;  // calls still running (on other threads) raise it again as they allocate
+        for (const auto& kv : calls_) peak_ = std::max(peak_, kv.second);
       }
     }
     for (Block* b : drop) delete b;
   }
 
-  // installed: whether torch's CPU allocations go through this object; then counters
+  // A call (the outermost scope on a thread) begins / ends: its own bytes in use are counted
+  // from 0, and blocks it leaves allocated stop counting towards any call when it ends.
+  void call_begin() {
+    static std::atomic<uint64_t> next{1};
+    tls_call = next.fetch_add(1);
+    std::lock_guard<std::mutex> g(mu_);
+    calls_[tls_call] = 0;
+  }
+
+  void call_end() {
+    std::lock_guard<std::mutex> g(mu_);
+    calls_.erase(tls_call);
+    tls_call = 0;
+  }
+
+  // installed: whether torch's CPU allocations go through this object; then counters, and the
+  // bound on the cached bytes (the largest working set of a single call)
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> g(mu_);
     return {c10::GetCPUAllocator() == this ? 1 : 0, int64_t(holders_), int64_t(cached_),
-            int64_t(in_use_), int64_t(hits_), int64_t(misses_)};
+            int64_t(in_use_), int64_t(hits_), int64_t(misses_), int64_t(limit())};
   }
 
  private:
@@ -137,7 +164,7 @@ class ActivationCache final : public c10::Allocator {
     });
   }
 
-  size_t limit() const { return peak_ > size_t(64 << 20) ? peak_ : size_t(64 << 20); }
+  size_t limit() const { return peak_; }
 
   static void free_ptr(void* p) {
     ActivationCache& c = get();
@@ -149,6 +176,9 @@ class ActivationCache final : public c10::Allocator {
         Block* b = it->second;
         c.live_.erase(it);
         c.in_use_ -= b->size;
+        if (auto call = c.calls_.find(b->call); call != c.calls_.end()) {
+          call->second -= b->size;  // freed while its call runs: part of that working set
+        }
         if (c.holders_ > 0 && c.cached_ + b->size <= c.limit()) {
           c.free_[b->size].push_back(b);
           c.cached_ += b->size;
@@ -169,6 +199,7 @@ class ActivationCache final : public c10::Allocator {
   std::mutex mu_;
   std::unordered_map<size_t, std::vector<Block*>> free_;
   std::unordered_map<void*, Block*> live_;  // handed-out blocks by data pointer
+  std::unordered_map<uint64_t, size_t> calls_;  // running calls: their own bytes in use
   size_t holders_ = 0, cached_ = 0, in_use_ = 0, peak_ = 0;
   uint64_t hits_ = 0, misses_ = 0;
 };
@@ -178,10 +209,13 @@ class ActivationCache final : public c10::Allocator {
 // Registered in csrc/ops.cpp (declared in common/tsgb_common.h).
 void activation_cache_hold() { ActivationCache::get().hold(); }
 void activation_cache_release() { ActivationCache::get().release(); }
-void activation_scope_enter() { ++tls_depth; }
+void activation_scope_enter() {
+  if (tls_depth == 0) ActivationCache::get().call_begin();
+  ++tls_depth;
+}
 void activation_scope_exit() {
   TORCH_CHECK(tls_depth > 0, "tsgb_ext.activation_scope_exit without a matching enter");
-  --tls_depth;
+  if (--tls_depth == 0) ActivationCache::get().call_end();
 }
 std::vector<int64_t> activation_cache_stats() { return ActivationCache::get().stats(); }
 

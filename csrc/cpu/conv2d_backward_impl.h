@@ -70,7 +70,8 @@ inline void add_folded_span(acc_t* __restrict__ s, const scalar_t* __restrict__ 
                             const scalar_t* __restrict__ y, int64_t n, acc_t sc, acc_t sh,
                             acc_t be) {
   for (int64_t j = 0; j < n; ++j) {
-    s[j] += static_cast<acc_t>(g[j]) * bn_act_factor_t<ACT>(static_cast<acc_t>(y[j]), sc, sh, be);
+    s[j] += static_cast<acc_t>(g[j]) *
+            bn_act_factor_t<ACT, scalar_t>(static_cast<acc_t>(y[j]), sc, sh, be);
   }
 }
 
@@ -265,8 +266,8 @@ void conv2d_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const a
         // product of channel k with the BN + activation folded in: g * bn_act_factor(y)
         auto folded = [&](int64_t k) -> acc_t {
           return static_cast<acc_t>(gpix[k]) *
-                 bn_act_factor(static_cast<acc_t>(ypix[k]), bn->scale[k], bn->shift[k],
-                               bn->div_eps, bn->act);
+                 bn_act_factor<scalar_t>(static_cast<acc_t>(ypix[k]), bn->scale[k],
+                                         bn->shift[k], bn->div_eps, bn->act);
         };
         if (Kg == 1 && bn == nullptr) {  // one output channel per group: a contiguous vector loop
           for (int64_t g = 0; g < G; ++g) {
@@ -378,7 +379,9 @@ void depthwise_ratio(const scalar_t* gp, const scalar_t* yp, const acc_t* dp, ac
                      acc_t eps, const BnFold<acc_t>* bn) {
   const int64_t per = K * HoWo;
   auto factor = [bn](acc_t y, int64_t k) -> acc_t {
-    return bn == nullptr ? y : bn_act_factor(y, bn->scale[k], bn->shift[k], bn->div_eps, bn->act);
+    return bn == nullptr ? y
+                         : bn_act_factor<scalar_t>(y, bn->scale[k], bn->shift[k], bn->div_eps,
+                                                   bn->act);
   };
   auto ratio = [dp, eps](acc_t v, const acc_t* d, int64_t i) -> acc_t {
     return dp == nullptr ? v : v / (d[i] + eps);

@@ -57,10 +57,12 @@ void init() {
   std::call_once(init_once, [] {
     CpuIsa isa = best();
     if (const char* env = std::getenv("TSGB_CPU_ISA")) {
+      // A value this CPU or build cannot use keeps the best choice, silently here: the Python
+      // loader (tsgb_ext/ops/loader.py) reports it once as a Python warning. A TORCH_WARN from
+      // this lazy first use went to stderr, outside Python's warning filters.
       try {
         isa = parse(env, "TSGB_CPU_ISA");
-      } catch (const c10::Error& e) {
-        TORCH_WARN("tsgb_ext: ignoring TSGB_CPU_ISA: ", e.what_without_backtrace());
+      } catch (const c10::Error&) {
       }
     }
     int expected = -1;

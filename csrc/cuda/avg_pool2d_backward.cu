@@ -84,15 +84,6 @@ __global__ void avg_pool2d_backward_kernel(const scalar_t* __restrict__ g,
   }
 }
 
-// ATen's pooling_output_shape (dilation 1).
-int64_t pool_out_size(int64_t in, int64_t k, int64_t pad, int64_t s, bool ceil_mode) {
-  const int64_t num = in + 2 * pad - (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
-  const int64_t q = num / s;
-  int64_t out = ((num % s != 0) && ((num < 0) != (s < 0)) ? q - 1 : q) + 1;  // floor division
-  if (ceil_mode && (out - 1) * s >= in + pad) --out;
-  return out;
-}
-
 at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                                     const at::Tensor& y_in, at::IntArrayRef kernel_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding,

@@ -79,8 +79,8 @@ __global__ void group_reduce_nchw_kernel(const scalar_t* __restrict__ a,
           for (index_t j = ty; j < cpg; j += TY) {
             const index_t k = g * cpg + j;
             acc += static_cast<acc_t>(ap[j * P]) *
-                   bn_act_factor(static_cast<acc_t>(mp[j * P]), bn.scale[k], bn.shift[k],
-                                 bn.div_eps, bn.act);
+                   bn_act_factor<scalar_t>(static_cast<acc_t>(mp[j * P]), bn.scale[k],
+                                           bn.shift[k], bn.div_eps, bn.act);
           }
         }
       } else {
@@ -134,8 +134,8 @@ __global__ void group_reduce_cl_kernel(const scalar_t* __restrict__ a,
           for (index_t j = tx; j < cpg; j += TX) {
             const index_t k = g * cpg + j;
             acc += static_cast<acc_t>(ap[j]) *
-                   bn_act_factor(static_cast<acc_t>(mp[j]), bn.scale[k], bn.shift[k], bn.div_eps,
-                                 bn.act);
+                   bn_act_factor<scalar_t>(static_cast<acc_t>(mp[j]), bn.scale[k], bn.shift[k],
+                                           bn.div_eps, bn.act);
           }
         }
       } else {

@@ -7,7 +7,8 @@
 // double), the result is cast to x's dtype. One small elementwise kernel forms grad * beta
 // directly (beta itself is never stored). beta is defined as 0 where |zn| <= eps (x orthogonal
 // to every negative weight: no negative evidence to balance) and clamped to the finite range,
-// so finite input never yields NaN or inf.
+// and fp16/bf16 results saturate at the type's largest finite value, so finite input never
+// yields NaN or inf.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -70,7 +71,10 @@ at::Tensor linear_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_i
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // gx = grad @ W+ + gb @ W-
-  const at::Tensor gx = at::addmm(at::mm(grad, wpos), gb, wneg);
+  at::Tensor gx = at::addmm(at::mm(grad, wpos), gb, wneg);
+  // half types saturate at their largest finite value, like every kernel's saturate_cast
+  // (x nearly orthogonal to W- gives a beta far beyond float16's 65504)
+  if (const double m = half_type_max(x_in.scalar_type()); m > 0) gx.clamp_(-m, m);
   return gx.to(x_in.scalar_type());
 }
 

@@ -88,6 +88,9 @@ def _(grad, x, weight_pos, weight_neg, eps):
 
 @torch.library.register_fake(_lib + "max_pool2d")
 def _(x, kernel_size, stride, padding, dilation, ceil_mode):
+    # the kernels' first check (common/checks.h): torch's max_pool2d would also take 3-D x
+    torch._check(x.dim() == 4, lambda: "tsgb_ext.max_pool2d: x must be 4-D (N, C, H, W), got "
+                 f"shape {list(x.shape)}")
     y = torch.ops.aten.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
     return torch.empty(y.shape, dtype=x.dtype, device=x.device, memory_format=_suggest_format(x))
 

@@ -7,6 +7,7 @@ rebuild. When the ops load, their fake kernels (:mod:`.fake`) and the classifier
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional
 
@@ -40,9 +41,35 @@ def _register() -> None:
     from . import autograd, fake  # noqa: F401  (torch.library registrations, run once)
 
 
+_CPU_ISAS = ("auto", "default", "avx2", "avx512")
+
+
+def _check_cpu_isa_env() -> None:
+    """``TSGB_CPU_ISA`` picks the instruction set of the CPU kernels compiled more than once
+    (csrc/cpu/cpu_isa.cpp reads it once, on first use). A value it cannot use is ignored there
+    without a word (the widest set this CPU runs is used); it is reported here, once, as a
+    Python warning, so warning filters and ``pytest.warns`` see it and stderr stays clean."""
+    value = os.environ.get("TSGB_CPU_ISA")
+    if value is None:
+        return
+    accepted = ", ".join(repr(v) for v in _CPU_ISAS)
+    if value in _CPU_ISAS:
+        try:
+            torch.ops.tsgb_ext.cpu_isa(value)  # what the kernels' first use picks too
+            return
+        except RuntimeError as e:  # e.g. avx512 on a CPU without it
+            reason = str(e).splitlines()[0].split(": ", 1)[-1]
+    else:
+        reason = "not an instruction-set name"
+    warnings.warn(f"tsgb_ext: ignoring TSGB_CPU_ISA={value!r} ({reason}); accepted values: "
+                  f"{accepted}; the CPU kernels use {torch.ops.tsgb_ext.cpu_isa()!r}",
+                  RuntimeWarning, stacklevel=2)
+
+
 _load()
 if _loaded:
     _register()
+    _check_cpu_isa_env()
 
 
 def native_available(device: Optional[torch.device | str] = None) -> bool:

@@ -114,8 +114,11 @@ class NativeBackend:
     @staticmethod
     def memory_stats() -> dict:
         """The cache's state: whether it is installed as torch's CPU allocator, holders, bytes
-        kept and in use, and reuse counts (hits: allocations served from kept blocks)."""
-        keys = ("installed", "holders", "cached_bytes", "in_use_bytes", "hits", "misses")
+        kept and in use, reuse counts (hits: allocations served from kept blocks), and the
+        bound on the bytes kept: the largest working set of a single call (the bytes that
+        call's own allocations had in use at once) since the last holder released."""
+        keys = ("installed", "holders", "cached_bytes", "in_use_bytes", "hits", "misses",
+                "bound_bytes")
         return dict(zip(keys, ops.activation_cache_stats()))
 
 
