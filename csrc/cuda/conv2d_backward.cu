@@ -482,7 +482,7 @@ __global__ void depthwise_rule_kernel(const scalar_t* __restrict__ grad,
             const acc_t yv = static_cast<acc_t>(y[o_at(n, k, oh, ow)]);
             s += bn.scale == nullptr
                      ? gv * yv
-                     : gv * bn_act_factor(yv, bn.scale[k], bn.shift[k], bn.div_eps, bn.act);
+                     : gv * bn_act_factor<scalar_t>(yv, bn.scale[k], bn.shift[k], bn.div_eps, bn.act);
           }
         }
         rs[e] = s / den[e];
