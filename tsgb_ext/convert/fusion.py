@@ -86,6 +86,12 @@ class _Tracer(fx.Tracer):
 _MISSING = object()
 
 
+def trace_graph(model: nn.Module) -> fx.Graph:
+    """The model's torch.fx graph, traced without process-wide patches (see ``_Tracer``):
+    Conv2d, BatchNorm2d, AvgPool2d, Linear and torch.nn's own modules are leaves."""
+    return _Tracer().trace(model)
+
+
 def _leaves(tree):
     return torch.utils._pytree.tree_leaves(tree)
 

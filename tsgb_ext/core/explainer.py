@@ -13,6 +13,7 @@ from ..convert.conversion import Conversion, degenerate_tolerance
 from ..convert.fusion import FusedBlock
 from ..convert.layer_map import describe_rules
 from . import backend as backends
+from . import factor
 from .inputs import (TargetLike, check_call, compile_options, deferred_checks, flag,
                      logits as model_logits, target_tensor, tf32_off, uncompiled)
 from .modellock import model_lock
@@ -59,12 +60,20 @@ class TSGB:
             threads: 34,000 page faults and ~48 ms per call). Only allocations made on the
             calling thread inside a call are affected; the kept memory, at most one call's
             working set, is freed when the block exits (after an un-converted call: at once).
+        factorize: compute the maps of many targets by the factorised backward
+            (:mod:`tsgb_ext.core.factor`: per-target work on single-channel maps and channel
+            vectors, the target-independent work once; the same maps). ``"auto"`` (default):
+            for ``attribute`` with an (N, T) target, T >= 2, float32/float64 input, no
+            ``compile``; ``True``: also for one target and for ``explain``; ``False``: never.
+            Models it cannot take (untraceable, hooks, rule-layer subclasses with their own
+            forward, ...) use the batched backward; ``report()`` says which path each node
+            took and why.
     """
 
     def __init__(self, model: nn.Module, backend: str = "auto",
                  classifier: Union[None, str, nn.Linear] = None, allow_tf32: bool = False,
                  fuse: bool = True, compile: Union[bool, dict] = False,
-                 reuse_memory: bool = True):
+                 reuse_memory: bool = True, factorize: Union[bool, str] = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         backends.check_choice(backend)
@@ -90,6 +99,13 @@ class TSGB:
         self._degenerate: Dict[nn.Module, float] = {}  # degenerate convs seen (report())
         self._observed: Dict[nn.Module, dict] = {}
         self._last_classifier: Optional[nn.Module] = None
+        if factorize not in (True, False, "auto"):
+            raise ValueError(f"factorize must be True, False or 'auto', got {factorize!r}")
+        self.factorize = factorize
+        self._factor_cache: dict = {}
+        self._factor_plan: Optional[factor.FactorPlan] = None  # a with-block's plan
+        self.last_path: Optional[str] = None  # "factorised" or "batched"
+        self.factor_status: str = "not tried"
 
     def _resolve_classifier(self, classifier) -> Optional[nn.Linear]:
         if classifier is None:
@@ -128,6 +144,7 @@ class TSGB:
             # torch.compile validates its arguments here, before the model is touched
             compiled = (torch.compile(self.model, **self.compile)
                         if self.compile is not None else None)
+            self._factor_plan = self._plan() if self.factorize is not False else None
             fusion = self._fusion_cache if self.backend != "hooks" else None
             conv = Conversion(self.model, backends.HOOKS, self.classifier, self._names, fusion,
                               self._warned)
@@ -191,7 +208,8 @@ class TSGB:
             if tmax >= k:
                 raise IndexError(f"target must be class indices in [0, {k}), got {tmax}")
             return tgt
-        return self._explain(x, select, None)[0]
+        hint = tgt.shape[1] if tgt is not None else 1
+        return self._explain(x, select, None, targets_hint=hint)[0]
 
     __call__ = attribute
 
@@ -207,16 +225,23 @@ class TSGB:
         check_call(x)
         return self._explain(x, select, amp_dtype)
 
-    def _explain(self, x, select, amp_dtype, forward_args=(), per_element=False):
+    def _explain(self, x, select, amp_dtype, forward_args=(), per_element=False,
+                 targets_hint=None):
         """``explain`` for an already validated ``x``; the model runs as
         ``model(x, *forward_args)``; ``per_element``: the maps are ``gx * x`` (N, C, H, W),
-        not summed over channels (one target per sample only)."""
+        not summed over channels (one target per sample only); ``targets_hint``: T, when the
+        caller knows it (``factorize="auto"`` factorises for T >= 2; 0: never)."""
         p = next((t for t in self.model.parameters() if t.is_floating_point()), None)
         if p is not None and amp_dtype is None and x.dtype != p.dtype:
             raise TypeError(f"x is {x.dtype} but the model's parameters are {p.dtype}: convert "
                             f"the input (x.to({p.dtype})) or the model (model.to({x.dtype}))")
         backend = self._backend_for(x.device)
         self.last_backend = backend.name
+        if self._wants_factor(x, amp_dtype, forward_args, per_element, targets_hint, backend):
+            out = self._explain_factorised(x, select)
+            if out is not None:
+                return out
+        self.last_path = "batched"
         with tf32_off(x.is_cuda and not self.allow_tf32):
             with self._call_lock:
                 if self._conversion is not None:  # inside this explainer's with-block
@@ -229,6 +254,67 @@ class TSGB:
                                 self._warned) as conv:
                     return self._run(conv, backend, x, select, amp_dtype, forward_args,
                                      per_element)
+
+    # -- the factorised backward (many targets) ---------------------------------------------
+    def _wants_factor(self, x, amp_dtype, forward_args, per_element, hint, backend) -> bool:
+        if (self.factorize is False or amp_dtype is not None or forward_args or per_element
+                or hint == 0):  # 0: the caller asks for the batched path
+            return False
+        if self.factorize == "auto":
+            return (hint is not None and hint >= 2 and self.compile is None
+                    and backend is not backends.HOOKS
+                    and x.dtype in (torch.float32, torch.float64))
+        return True
+
+    def _plan(self):
+        plan, why = factor.plan_for(self.model, self._factor_cache)
+        self.factor_status = why
+        return plan
+
+    def _explain_factorised(self, x, select):
+        """Maps by the factorised backward, or None (then the batched backward runs)."""
+        in_block = self._conversion is not None
+        plan = self._factor_plan if in_block else self._plan()
+        if plan is None:
+            return None
+        key = (tuple((id(m), type(m)) for m in self.model.modules()), tuple(x.shape[1:]),
+               x.dtype, None, x.device.type)
+        if key not in _degenerate_checked.get(self.model, {}) \
+                and degenerate_tolerance(x.dtype) is not None:
+            # the first call for this input kind: the degenerate-layer check, on one target
+            self._explain(x, lambda lg: select(lg)[:, :1], None, targets_hint=0)
+        try:
+            with tf32_off(x.is_cuda and not self.allow_tf32), self._factor_hold(in_block):
+                maps, tgt, logits, clf = factor.explain(plan, x.detach(), select,
+                                                        self.classifier)
+        except factor.NotFactorisable as exc:
+            self.factor_status = f"not factorisable: {exc}"
+            self._factor_cache["factor"] = (self._factor_cache["factor"][0], None,
+                                            self.factor_status)
+            if in_block:
+                self._factor_plan = None
+            return None
+        deferred_checks(x, tgt, logits.shape[1])
+        self._last_classifier = clf
+        self.last_path = "factorised"
+        self.factor_status = "factorised"
+        return maps, tgt, logits
+
+    @contextlib.contextmanager
+    def _factor_hold(self, in_block: bool):
+        """The model held for one factorised call (in eval mode; nothing else changes)."""
+        if in_block:
+            with self._call_lock:
+                yield
+            return
+        with model_lock(self.model).hold(object(), "this call"):
+            training = [(m, m.training) for m in self.model.modules()]
+            self.model.eval()
+            try:
+                yield
+            finally:
+                for m, t in training:
+                    m.training = t
 
     def _run(self, conv: Conversion, backend, x, select, amp_dtype, forward_args=(),
              per_element=False):

@@ -1,0 +1,793 @@
+"""Many targets for the price of one: the TSGB backward factorised over targets.
+
+TSGB's backward is linear in the output gradient. Walking the model's torch.fx graph from the
+logits down, the gradient of T targets at a node's output is kept as a short sum of terms
+(:class:`Rep`):
+
+* a spatial term ``A * b``: ``A`` (N, C, H, W) is the same for every target, ``b``
+  (N, T, 1, H, W) is one single-channel map per target;
+* a channel term ``A * v``: ``v`` (N, T, C, 1, 1) is one channel vector per target (a global
+  average pool's gradient);
+* a dense part ``G`` (N, T, C, H, W) (or (N, T, F) for vectors): the materialised gradient,
+  used where the structure does not hold or where the terms would cost more than it.
+
+The rules act on the target-independent factors where they can (TSGB_SPEC.md):
+
+* ReLU / ReLU6 / eval BatchNorm multiply every ``A`` by a target-independent factor (the mask,
+  ``y / (x + eps)``); an addition hands the same terms to both inputs; a concatenation slices
+  them by channels.
+* A ``groups == 1`` conv contracts everything to ``s[o] = sum_k g[k,o] y[k,o]``: for a spatial
+  term that is ``b[o] * Q[o]`` with ``Q = sum_k A y`` (target-independent), for a channel term
+  ``v @ (A y)``; then ``r = s / (d + eps)`` and one transposed box sum on single-channel maps
+  batched over the targets give ``t``, and the input gradient is ONE spatial term
+  ``sign(x) * t``.
+* MaxPool2d routes by the forward's argmax (target-independent): a channel term stays one
+  channel term; a spatial term becomes one term when the windows do not overlap and one term
+  per window offset when they do. The TSGB AvgPool2d rule is the same stencil.
+* A global average pool's gradient is a channel term with ``A = 1``; the TSGB-FC classifier
+  gives each target the row ``W+[t] + beta[t] * W-[t]`` (one-hot targets: only those rows).
+
+Everything else (grouped / depthwise convs, other Linear layers, any other op) takes the
+materialised gradient: the rules' own formulas on (N*T)-batched tensors, and for ops without a
+TSGB rule their ordinary gradient by ``torch.autograd`` (batched over the targets). When the
+terms at a node outnumber the targets, they are materialised too (T targets cost T dense
+passes; J terms cost J). So the path is exact by construction (the same formulas, summed in
+another order) and never slower in passes than the batched backward.
+
+The forward is the model's own, computed node by node from the graph (no autograd, nothing
+saved but the node outputs); the model is not converted. :func:`plan_for` traces once per
+module tree; a model this cannot handle (untraceable, hooks, a rule layer whose subclass has its
+own forward, a Conv2d with non-zero padding mode or ``padding="same"``) gets ``None`` and the
+explainer uses its batched backward.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input
+
+from ..convert.fusion import module_fingerprint, trace_graph
+from ..convert.layer_map import own_forward
+
+EPS = 1e-10
+
+#: modules the walker computes itself (exact types or subclasses without their own forward)
+_RULE_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Linear)
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
+_INPLACE_FUNCS = {operator.iadd: operator.add, operator.imul: operator.mul,
+                  operator.isub: operator.sub, operator.itruediv: operator.truediv,
+                  torch.relu_: torch.relu, F.relu_: F.relu}
+
+
+# ---- the gradient of T targets at one node ---------------------------------------------------
+class Rep:
+    """Gradient at a node's output: ``dense`` (N, T, *shape) or None, ``sp``: [(A, b)],
+    ``ch``: [(A, v)] (A None means ones), ``onehot``: the (N, T) targets while the gradient is
+    still the one-hot of the logits (lets the classifier rule select rows)."""
+
+    __slots__ = ("dense", "sp", "ch", "onehot")
+
+    def __init__(self, dense=None, sp=(), ch=(), onehot=None):
+        self.dense, self.sp, self.ch, self.onehot = dense, list(sp), list(ch), onehot
+
+    @property
+    def terms(self) -> int:
+        return len(self.sp) + len(self.ch)
+
+    def plus(self, other: "Rep") -> "Rep":
+        dense = (self.dense if other.dense is None else other.dense if self.dense is None
+                 else self.dense + other.dense)
+        return Rep(dense, _merge(self.sp + other.sp), _merge(self.ch + other.ch))
+
+    def materialise(self) -> torch.Tensor:
+        out = self.dense
+        for A, b in self.sp + self.ch:
+            term = b if A is None else A.unsqueeze(1) * b
+            out = term if out is None else out + term
+        return out
+
+    def densify(self) -> "Rep":
+        return Rep(self.materialise())
+
+
+def _merge(terms):
+    """Terms with the same ``A`` (the same tensor object) merge by adding their factors."""
+    out: List[list] = []
+    for A, f in terms:
+        for e in out:
+            if e[0] is A:
+                e[1] = e[1] + f
+                break
+        else:
+            out.append([A, f])
+    return [tuple(e) for e in out]
+
+
+# ---- window geometry (conv, pools) ---------------------------------------------------------
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _place(P: torch.Tensor, delta, geom, size) -> torch.Tensor:
+    """Zeros of the input's spatial ``size`` with ``P[..., o]`` at input position
+    ``o * stride - padding + delta * dilation`` (window offset ``delta``), where in range."""
+    out = P.new_zeros(P.shape[:-2] + tuple(size))
+    src, dst = [], []
+    for dim in range(2):
+        k, s, p, d = (g[dim] for g in geom)
+        n_in, n_out, off = size[dim], P.shape[-2 + dim], delta[dim] * d - p
+        lo = max(0, -(off // s))  # ceil(-off / s)
+        hi = min(n_out - 1, (n_in - 1 - off) // s)
+        if hi < lo:
+            return out
+        src.append(slice(lo, hi + 1))
+        dst.append(slice(lo * s + off, hi * s + off + 1, s))
+    out[..., dst[0], dst[1]] = P[..., src[0], src[1]]
+    return out
+
+
+def _offsets(k):
+    return [(i, j) for i in range(k[0]) for j in range(k[1])]
+
+
+def _overlaps(geom) -> bool:
+    k, s, _, d = geom
+    return any(s[i] < d[i] * (k[i] - 1) + 1 for i in range(2))
+
+
+def _stencil(rep: Rep, P_of, geom, size, post=None, max_terms=None) -> Rep:
+    """Input gradient of a stencil op: each output position's target-independent weight
+    ``P_of(A)`` (N, C, Ho, Wo) goes to the input positions of its window, times the target
+    factor there (``post``: a target-independent factor at the input, e.g. 1 / (x + eps))."""
+    offs = _offsets(geom[0])
+
+    def spread(P):
+        out = None
+        for dl in offs:
+            q = _place(P, dl, geom, size)
+            out = q if out is None else out + q
+        return out if post is None else out * post
+    dense = None if rep.dense is None else spread(P_of(None, rep.dense))
+    ch = [(spread(P_of(A, None)), v) for A, v in rep.ch]
+    sp = []
+    if _overlaps(geom):
+        if rep.sp and len(rep.sp) * len(offs) + len(ch) > max_terms:
+            extra = Rep(sp=rep.sp).materialise()
+            d = spread(P_of(None, extra))
+            dense = d if dense is None else dense + d
+        else:
+            for A, b in rep.sp:
+                for dl in offs:
+                    q = _place(P_of(A, None), dl, geom, size)
+                    sp.append((q if post is None else q * post, _place(b, dl, geom, size)))
+    else:
+        for A, b in rep.sp:
+            sp.append((spread(P_of(A, None)), sum(_place(b, dl, geom, size) for dl in offs)))
+    return Rep(dense, sp, ch)
+
+
+# ---- the plan: a traced graph and what each node is --------------------------------------------
+class FactorPlan:
+    """The model's traced graph and which modules it calls; built by :func:`plan_for`."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph):
+        self.model = model
+        self.graph = graph
+        self.modules = dict(model.named_modules())
+        self.gm = fx.GraphModule(model, graph)
+        self.nodes = list(self.gm.graph.nodes)
+        self.input_node = next(n for n in self.nodes if n.op == "placeholder")
+        self.active: set = set()
+        self.paths: Dict[str, str] = {}  # node name -> path taken in the last call
+
+
+def _unsupported(model: nn.Module) -> Optional[str]:
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(
+                m, "_backward_pre_hooks", None):
+            return f"{name or 'the model'} has hooks"
+        if isinstance(m, _RULE_TYPES) and own_forward(m):
+            return f"{name} ({type(m).__name__}) has its own forward"
+        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            return f"{name}: padding {m.padding!r} / padding_mode {m.padding_mode!r}"
+        if isinstance(m, nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
+            return f"{name}: BatchNorm2d without running statistics"
+        if isinstance(m, nn.MaxPool2d) and m.return_indices:
+            return f"{name}: MaxPool2d(return_indices=True)"
+    return None
+
+
+def plan_for(model: nn.Module, cache: dict) -> Tuple[Optional[FactorPlan], str]:
+    """The factorisation plan of ``model`` (cached per module tree in ``cache``), or None and
+    why not."""
+    key = module_fingerprint(model)
+    hit = cache.get("factor")
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    why = ("the model has an instance forward" if "forward" in model.__dict__
+           else _unsupported(model))
+    plan = None
+    if why is None:
+        training = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            plan = FactorPlan(model, trace_graph(model))
+            why = "traced"
+        except Exception as exc:  # noqa: BLE001 - any trace failure means: the batched path
+            why = f"torch.fx could not trace it ({type(exc).__name__}: {exc})"
+        finally:
+            for m, t in training:
+                m.training = t
+    cache["factor"] = (key, plan, why)
+    return plan, why
+
+
+# ---- the forward, node by node -------------------------------------------------------------
+class _Forward(fx.Interpreter):
+    """The model's eval forward from its graph, keeping every node's output (rule layers and
+    in-place ops computed out of place, so nothing recorded is overwritten)."""
+
+    def __init__(self, plan: FactorPlan):
+        super().__init__(plan.gm, garbage_collect_values=False)
+        self.plan = plan
+        self.indices: Dict[fx.Node, torch.Tensor] = {}
+
+    def run_node(self, n):
+        self._node = n
+        return super().run_node(n)
+
+    def call_module(self, target, args, kwargs):
+        m = self.plan.modules[target]
+        if isinstance(m, nn.MaxPool2d):
+            y, idx = F.max_pool2d(args[0], m.kernel_size, m.stride, m.padding, m.dilation,
+                                  m.ceil_mode, return_indices=True)
+            self.indices[self._node] = idx
+            return y
+        return _leaf_forward(m, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        target = _INPLACE_FUNCS.get(target, target)
+        if kwargs.get("inplace"):
+            kwargs = dict(kwargs, inplace=False)
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if (target.endswith("_") and not target.startswith("_")
+                and hasattr(torch.Tensor, target[:-1])):
+            target = target[:-1]
+        return super().call_method(target, args, kwargs)
+
+
+def _leaf_forward(m: nn.Module, args, kwargs):
+    """A leaf module's eval output, rule layers by their functional op (never the instance
+    forward a conversion gives them), in-place modules out of place."""
+    x = args[0] if args else None
+    if isinstance(m, nn.Conv2d):
+        return F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+    if isinstance(m, nn.BatchNorm2d):
+        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0,
+                            m.eps)
+    if isinstance(m, nn.Linear):
+        return F.linear(x, m.weight, m.bias)
+    if isinstance(m, nn.AvgPool2d):
+        return F.avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                            m.count_include_pad, m.divisor_override)
+    if isinstance(m, nn.MaxPool2d):
+        return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    if type(m) is nn.ReLU:
+        return F.relu(x)
+    if type(m) is nn.ReLU6:
+        return F.relu6(x)
+    if isinstance(m, _PASS_MODULES):
+        return x
+    if getattr(m, "inplace", False):
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    return m(*args, **kwargs)
+
+
+# ---- the backward walk ----------------------------------------------------------------------
+class _Backward:
+    """Walks the graph in reverse, carrying a :class:`Rep` per node."""
+
+    def __init__(self, plan: FactorPlan, fwd: _Forward, classifier, T: int):
+        self.plan, self.env, self.indices = plan, fwd.env, fwd.indices
+        self.classifier, self.T = classifier, T
+        self.max_terms = max(T - 1, 0)
+        self.grads: Dict[fx.Node, Rep] = {}
+        self._memo: Dict[tuple, tuple] = {}
+        self.paths: Dict[str, str] = {}
+
+    # -- helpers --
+    def _mul(self, A, f):
+        """A * f, memoised on the objects, so shared terms stay shared (and merge)."""
+        if A is None:
+            return f
+        key = (id(A), id(f))
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not A or hit[1] is not f:
+            hit = (A, f, A * f)
+            self._memo[key] = hit
+        return hit[2]
+
+    def scale(self, rep: Rep, f) -> Rep:
+        """Every term times the target-independent factor ``f`` (N, C, H, W)."""
+        dense = None if rep.dense is None else rep.dense * f.unsqueeze(1)
+        return Rep(dense, [(self._mul(A, f), b) for A, b in rep.sp],
+                   [(self._mul(A, f), v) for A, v in rep.ch])
+
+    def send(self, node, rep: Rep) -> None:
+        if not isinstance(node, fx.Node) or not self.active(node):
+            return
+        if rep.terms and rep.terms > self.max_terms:
+            rep = rep.densify()
+        old = self.grads.get(node)
+        self.grads[node] = rep if old is None else old.plus(rep)
+
+    def active(self, node) -> bool:
+        return isinstance(node, fx.Node) and node in self.plan.active
+
+    def val(self, a):
+        return self.env[a] if isinstance(a, fx.Node) else a
+
+    def mark(self, node, path):
+        self.paths[node.name] = path
+
+    # -- the walk --
+    def run(self, out_node, targets) -> Rep:
+        logits = self.env[out_node]
+        N, K = logits.shape
+        classes = torch.arange(K, device=logits.device)
+        onehot = (classes.view(1, 1, K) == targets.unsqueeze(2)).to(logits.dtype)
+        self.grads[out_node] = Rep(onehot, onehot=targets)
+        for node in reversed(self.plan.nodes):
+            rep = self.grads.pop(node, None)
+            if rep is None or node.op in ("placeholder", "output", "get_attr"):
+                if node.op == "placeholder" and rep is not None:
+                    self.grads[node] = rep
+                continue
+            self.step(node, rep)
+        return self.grads.get(self.plan.input_node)
+
+    def step(self, node, rep: Rep) -> None:
+        if node.op == "call_module":
+            m = self.plan.modules[node.target]
+            handler = _MODULE_RULES.get(type(m)) or next(
+                (h for t, h in _MODULE_RULES.items() if isinstance(m, t)), None)
+            if handler is not None and handler(self, node, m, rep) is not False:
+                return
+        else:
+            handler = _FUNCTION_RULES.get(node.target) if node.op == "call_function" else \
+                _METHOD_RULES.get(node.target)
+            if handler is not None and handler(self, node, rep) is not False:
+                return
+        self.vjp(node, rep)
+
+    def vjp(self, node, rep: Rep) -> None:
+        """An op without a TSGB rule: its ordinary gradient, batched over the targets."""
+        self.mark(node, "autograd")
+        G = rep.materialise()
+        args, kwargs, sources = self._leafed(node)
+        with torch.enable_grad():
+            out = _call(node, self.plan, args, kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise NotFactorisable(f"{node.name} returns {type(out).__name__}")
+            grads = _batched_grad(out, [t for _, t in sources], G)
+        for (src, _), g in zip(sources, grads):
+            if g is not None:
+                self.send(src, Rep(g))
+
+    def _leafed(self, node):
+        sources, made = [], {}
+
+        def leaf(a):
+            if self.active(a):
+                if not isinstance(self.env[a], torch.Tensor):
+                    raise NotFactorisable(f"{a.name} is a {type(self.env[a]).__name__}")
+                if a not in made:
+                    made[a] = self.env[a].detach().requires_grad_(True)
+                    sources.append((a, made[a]))
+                return made[a]
+            return self.val(a)
+        args = fx.node.map_arg(node.args, leaf)
+        kwargs = fx.node.map_arg(node.kwargs, leaf)
+        return args, kwargs, sources
+
+
+def _call(node, plan, args, kwargs):
+    if node.op == "call_module":
+        return _leaf_forward(plan.modules[node.target], args, kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _batched_grad(out, inputs, G):
+    """d out / d inputs for each of the T gradients ``G`` (N, T, *out.shape[1:])."""
+    if not inputs:
+        return []
+    Gt = G.transpose(0, 1).contiguous()
+    try:
+        res = torch.autograd.grad(out, inputs, Gt, is_grads_batched=True, allow_unused=True)
+        return [None if r is None else r.transpose(0, 1) for r in res]
+    except RuntimeError:
+        per = [torch.autograd.grad(out, inputs, Gt[t], retain_graph=True, allow_unused=True)
+               for t in range(Gt.shape[0])]
+        return [None if per[0][i] is None else torch.stack([p[i] for p in per], 1)
+                for i in range(len(inputs))]
+
+
+# ---- per-op rules ----------------------------------------------------------------------------
+def _contract(rep: Rep, y: torch.Tensor) -> torch.Tensor:
+    """s[n, t, o] = sum_k g[n, t, k, o] * y[n, k, o], term by term."""
+    s = None
+    for A, b in rep.sp:
+        q = (y if A is None else A * y).sum(1, keepdim=True)  # (N, 1, H, W): target-free
+        term = b[:, :, 0] * q
+        s = term if s is None else s + term
+    for A, v in rep.ch:
+        ay = y if A is None else A * y
+        term = torch.einsum("ntc,nchw->nthw", v[:, :, :, 0, 0], ay)
+        s = term if s is None else s + term
+    if rep.dense is not None:
+        term = (rep.dense * y.unsqueeze(1)).sum(2)
+        s = term if s is None else s + term
+    return s
+
+
+def _conv(w: _Backward, node, m: nn.Conv2d, rep: Rep):
+    x, y = w.env[node.args[0]], w.env[node]
+    k = m.kernel_size
+    N, C, H, W = x.shape
+    ones = x.new_ones((1, 1) + tuple(k))
+    if m.groups == 1:
+        w.mark(node, "factorised" if rep.dense is None else "dense")
+        s = _contract(rep, y)
+        T = s.shape[1]
+        d = F.conv2d(x.abs().sum(1, keepdim=True), ones, None, m.stride, m.padding, m.dilation)
+        r = (s / (d + EPS)).reshape(N * T, 1, *s.shape[2:])
+        t = conv2d_input((N * T, 1, H, W), ones, r, m.stride, m.padding, m.dilation)
+        w.send(node.args[0], Rep(sp=[(w.sign(node.args[0]), t.reshape(N, T, 1, H, W))]))
+        return
+    w.mark(node, "dense")
+    G = rep.materialise()
+    T, K = G.shape[1], G.shape[2]
+    wk = x.new_ones((K, C // m.groups) + tuple(k))
+    D = F.conv2d(x.abs(), wk, None, m.stride, m.padding, m.dilation, m.groups)
+    R = (G * (y / (D + EPS)).unsqueeze(1)).reshape(N * T, K, *G.shape[3:])
+    t = conv2d_input((N * T, C, H, W), wk, R, m.stride, m.padding, m.dilation, m.groups)
+    w.send(node.args[0], Rep(t.reshape(N, T, C, H, W) * torch.sign(x).unsqueeze(1)))
+
+
+def _sign(self, src):
+    key = ("sign", src)
+    hit = self._memo.get(key)
+    if hit is None:
+        hit = self._memo[key] = (None, None, torch.sign(self.env[src]))
+    return hit[2]
+
+
+def _sign_like(self, src, make):
+    """A target-independent tensor made once per node (so terms built on it merge)."""
+    key = ("ones", src)
+    hit = self._memo.get(key)
+    if hit is None:
+        hit = self._memo[key] = (None, None, make())
+    return hit[2]
+
+
+_Backward.sign = _sign
+_Backward.sign_like = _sign_like
+
+
+def _bn(w: _Backward, node, m, rep: Rep):
+    x, y = w.env[node.args[0]], w.env[node]
+    w.mark(node, "factorised" if rep.dense is None else "dense")
+    w.send(node.args[0], w.scale(rep, y / (x + EPS)))
+
+
+def _mask(w: _Backward, node, rep: Rep, lo=0.0, hi=None):
+    x = w.env[node.args[0]]
+    f = x > lo if hi is None else (x > lo) & (x < hi)
+    w.mark(node, "factorised" if rep.dense is None else "dense")
+    w.send(node.args[0], w.scale(rep, f.to(x.dtype)))
+
+
+def _relu_module(w, node, m, rep):
+    _mask(w, node, rep, 0.0, 6.0 if isinstance(m, nn.ReLU6) else None)
+
+
+def _relu_fn(w, node, rep):
+    _mask(w, node, rep)
+
+
+def _relu6_fn(w, node, rep):
+    _mask(w, node, rep, 0.0, 6.0)
+
+
+def _hardtanh_fn(w, node, rep):
+    args = list(node.args) + [None] * 3
+    lo = node.kwargs.get("min_val", args[1] if args[1] is not None else -1.0)
+    hi = node.kwargs.get("max_val", args[2] if args[2] is not None else 1.0)
+    _mask(w, node, rep, lo, hi)
+
+
+def _identity_module(w, node, m, rep):
+    w.mark(node, "pass")
+    w.send(node.args[0], rep)
+
+
+def _maxpool(w: _Backward, node, m: nn.MaxPool2d, rep: Rep):
+    x = w.env[node.args[0]]
+    idx = w.indices[node]
+    N, C, H, W = x.shape
+    geom = (_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding),
+            _pair(m.dilation))
+    flat_idx = idx.flatten(2)
+
+    def unpool(A):  # A at each window's argmax (target-independent)
+        src = x.new_ones(idx.shape) if A is None else A
+        return x.new_zeros(N, C, H * W).scatter_add_(2, flat_idx, src.flatten(2)).view(N, C, H, W)
+    out = Rep()
+    if rep.dense is not None:
+        G = rep.dense
+        T = G.shape[1]
+        gi = x.new_zeros(N, T, C, H * W).scatter_add_(
+            3, flat_idx.unsqueeze(1).expand(N, T, C, -1), G.flatten(3))
+        out.dense = gi.view(N, T, C, H, W)
+    out.ch = [(unpool(A), v) for A, v in rep.ch]
+    if rep.sp and not _overlaps(geom):
+        for A, b in rep.sp:
+            out.sp.append((unpool(A), sum(_place(b, dl, geom, (H, W))
+                                          for dl in _offsets(geom[0]))))
+    elif rep.sp:
+        iy, ix = flat_idx // W, flat_idx % W
+        Ho, Wo = idx.shape[2:]
+        oy = torch.arange(Ho, device=x.device).view(Ho, 1) * geom[1][0] - geom[2][0]
+        ox = torch.arange(Wo, device=x.device).view(1, Wo) * geom[1][1] - geom[2][1]
+        off = (((iy.view_as(idx) - oy) // geom[3][0]) * geom[0][1]
+               + (ix.view_as(idx) - ox) // geom[3][1])
+        for A, b in rep.sp:
+            for j, dl in enumerate(_offsets(geom[0])):
+                P = (off == j).to(x.dtype) if A is None else A * (off == j)
+                out.sp.append((_place(P, dl, geom, (H, W)), _place(b, dl, geom, (H, W))))
+    w.mark(node, "factorised" if rep.dense is None else "dense")
+    w.send(node.args[0], out)
+
+
+def _avgpool(w: _Backward, node, m: nn.AvgPool2d, rep: Rep):
+    x, y = w.env[node.args[0]], w.env[node]
+    H, W = x.shape[2:]
+    geom = (_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding), (1, 1))
+    ones = x.new_ones((1, 1, H, W))
+    a = F.avg_pool2d(ones, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                     m.count_include_pad, m.divisor_override)
+    n = F.avg_pool2d(ones, m.kernel_size, m.stride, m.padding, m.ceil_mode, True, 1)
+    f = a / n.clamp_min(1)  # 1 / divisor of each window
+    yf = y * f
+
+    def P_of(A, G):
+        if G is not None:
+            return G * yf.unsqueeze(1)
+        return yf if A is None else A * yf
+    w.mark(node, "factorised" if rep.dense is None else "dense")
+    w.send(node.args[0], _stencil(rep, P_of, geom, (H, W), post=1.0 / (x + EPS),
+                                  max_terms=w.max_terms))
+
+
+def _gap_rep(w: _Backward, node, rep: Rep, src) -> Rep:
+    """Gradient at the input of a global average over H, W: a channel term, A = 1."""
+    x = w.env[src]
+    N, C, H, W = x.shape
+    G = rep.materialise()
+    w.mark(node, "factorised")
+    ones = w.sign_like(src, lambda: x.new_ones(()).expand(N, C, H, W))
+    return Rep(ch=[(ones, G.reshape(N, G.shape[1], C, 1, 1) / (H * W))])
+
+
+def _adaptive_module(w, node, m, rep):
+    return _adaptive(w, node, rep, m.output_size)
+
+
+def _adaptive_fn(w, node, rep):
+    size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+    return _adaptive(w, node, rep, size)
+
+
+def _adaptive(w, node, rep, size):
+    x, y = w.env[node.args[0]], w.env[node]
+    if x.dim() != 4:
+        return False
+    if tuple(y.shape[2:]) == (1, 1):
+        w.send(node.args[0], _gap_rep(w, node, rep, node.args[0]))
+        return None
+    if tuple(y.shape[2:]) == tuple(x.shape[2:]):
+        w.mark(node, "pass")
+        w.send(node.args[0], rep)
+        return None
+    return False
+
+
+def _mean(w, node, rep):
+    x = w.env[node.args[0]] if isinstance(node.args[0], fx.Node) else None
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if x is None or x.dim() != 4 or dim is None or node.kwargs.get("dtype") is not None:
+        return False
+    dims = sorted(d % 4 for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
+    if dims != [2, 3]:
+        return False
+    w.send(node.args[0], _gap_rep(w, node, rep, node.args[0]))
+
+
+def _reshape(w, node, rep):
+    src = node.args[0]
+    if not w.active(src):
+        return False
+    x, y = w.env[src], w.env[node]
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or y.dim() == 0 \
+            or x.shape[0] != y.shape[0]:
+        return False
+    G = rep.materialise()
+    w.mark(node, "pass")
+    w.send(src, Rep(G.reshape(G.shape[:2] + x.shape[1:]), onehot=rep.onehot
+                    if x.shape == y.shape else None))
+
+
+def _flatten_module(w, node, m, rep):
+    return _reshape(w, node, rep)
+
+
+def _add(w, node, rep):
+    a, b = node.args[:2]
+    if node.kwargs or len(node.args) > 2:
+        return False
+    for src in (a, b):
+        if w.active(src) and tuple(w.env[src].shape) != tuple(w.env[node].shape):
+            return False
+    w.mark(node, "factorised" if rep.dense is None else "dense")
+    for src in (a, b):
+        w.send(src, rep)
+
+
+def _cat(w, node, rep):
+    tensors = node.args[0]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    y = w.env[node]
+    if y.dim() != 4 or dim % 4 != 1:
+        return False
+    c0 = 0
+    w.mark(node, "factorised" if rep.dense is None else "dense")
+    for src in tensors:
+        c1 = c0 + w.val(src).shape[1]
+        if w.active(src):
+            sl = slice(c0, c1)
+            w.send(src, Rep(None if rep.dense is None else rep.dense[:, :, sl],
+                            [(None if A is None else A[:, sl], b) for A, b in rep.sp],
+                            [(None if A is None else A[:, sl], v[:, :, sl]) for A, v in rep.ch]))
+        c0 = c1
+
+
+def _linear(w: _Backward, node, m: nn.Linear, rep: Rep):
+    x = w.env[node.args[0]]
+    if m is w.classifier:
+        w.mark(node, "classifier rows" if rep.onehot is not None else "dense")
+        w.send(node.args[0], Rep(_fc_rule(rep, x, m.weight)))
+        return
+    if x.dim() != 2:
+        return False
+    w.mark(node, "dense")
+    w.send(node.args[0], Rep(rep.materialise() @ m.weight))
+
+
+def _fc_rule(rep: Rep, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """TSGB-FC (beta = zp / |zn|, 0 where |zn| <= eps), float32 computed in float64; for a
+    one-hot gradient only the targets' rows of W."""
+    cd = torch.float64 if x.dtype == torch.float32 else x.dtype
+    xc = x.to(cd)
+    if rep.onehot is not None:
+        wt = weight.to(cd)[rep.onehot]  # (N, T, F)
+        wp, wn = wt.clamp_min(0), wt.clamp_max(0)
+        zp = torch.einsum("ntf,nf->nt", wp, xc)
+        azn = torch.einsum("ntf,nf->nt", wn, xc).abs()
+        ok = azn > EPS
+        beta = torch.where(ok, zp / torch.where(ok, azn, torch.ones_like(azn)),
+                           torch.zeros_like(zp))
+        return (wp + beta.unsqueeze(2) * wn).to(x.dtype)
+    wc = weight.to(cd)
+    wp, wn = wc.clamp_min(0), wc.clamp_max(0)
+    zp, azn = xc @ wp.t(), (xc @ wn.t()).abs()
+    ok = azn > EPS
+    beta = torch.where(ok, zp / torch.where(ok, azn, torch.ones_like(azn)), torch.zeros_like(zp))
+    g = rep.materialise().to(cd)
+    return (g @ wp + (g * beta.unsqueeze(1)) @ wn).to(x.dtype)
+
+
+def _dropout_fn(w, node, rep):
+    if node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True):
+        return False
+    w.mark(node, "pass")
+    w.send(node.args[0], rep)
+
+
+_MODULE_RULES = {nn.Conv2d: _conv, nn.BatchNorm2d: _bn, nn.ReLU: _relu_module,
+                 nn.ReLU6: _relu_module, nn.MaxPool2d: _maxpool, nn.AvgPool2d: _avgpool,
+                 nn.AdaptiveAvgPool2d: _adaptive_module, nn.Linear: _linear,
+                 nn.Flatten: _flatten_module}
+for _t in _PASS_MODULES:
+    _MODULE_RULES[_t] = _identity_module
+_FUNCTION_RULES = {operator.add: _add, operator.iadd: _add, torch.add: _add, torch.cat: _cat,
+                   torch.flatten: _reshape, torch.relu: _relu_fn, torch.relu_: _relu_fn,
+                   F.relu: _relu_fn, F.relu_: _relu_fn, F.relu6: _relu6_fn,
+                   F.hardtanh: _hardtanh_fn, F.adaptive_avg_pool2d: _adaptive_fn,
+                   torch.mean: _mean, F.dropout: _dropout_fn}
+_METHOD_RULES = {"add": _add, "add_": _add, "relu": _relu_fn, "relu_": _relu_fn,
+                 "flatten": _reshape, "view": _reshape, "reshape": _reshape, "mean": _mean}
+
+
+# ---- entry point ----------------------------------------------------------------------------
+def _active_nodes(plan: FactorPlan) -> set:
+    active = set()
+    for n in plan.nodes:
+        if n is plan.input_node:
+            active.add(n)
+        elif n.op not in ("placeholder", "get_attr") and any(
+                a in active for a in n.all_input_nodes):
+            active.add(n)
+    return active
+
+
+def explain(plan: FactorPlan, x: torch.Tensor, select, classifier: Optional[nn.Module]):
+    """Maps (N, T, H, W), targets (N, T) and logits of ``x`` by the factorised backward.
+
+    ``classifier``: the TSGB-FC Linear (None: the last Linear the forward runs). Raises
+    :class:`NotFactorisable` when this model's graph turns out not to fit (the caller then
+    uses the batched backward)."""
+    fwd = _Forward(plan)
+    with torch.no_grad():
+        out = fwd.run(x)
+        out_node = next(n for n in plan.nodes if n.op == "output").args[0]
+        if not isinstance(out_node, fx.Node) or not isinstance(out, torch.Tensor) \
+                or out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise NotFactorisable("the model's output is not one (N, classes) tensor")
+        clf = classifier
+        if clf is None:
+            linears = [plan.modules[n.target] for n in plan.nodes if n.op == "call_module"
+                       and isinstance(plan.modules[n.target], nn.Linear)]
+            if not linears:
+                raise NotFactorisable("the forward ran no nn.Linear module")
+            clf = linears[-1]
+        targets = select(out.detach())
+        plan.active = _active_nodes(plan)
+        walk = _Backward(plan, fwd, clf, targets.shape[1])
+        rep = walk.run(out_node, targets)
+        xin = fwd.env[plan.input_node]
+        if rep is None:
+            maps = x.new_zeros((x.shape[0], targets.shape[1]) + tuple(x.shape[2:]))
+        else:
+            maps = _input_maps(rep, xin)
+    plan.paths = walk.paths
+    return maps.to(x.dtype), targets, out.detach(), clf
+
+
+def _input_maps(rep: Rep, x: torch.Tensor) -> torch.Tensor:
+    """sum over colour channels of gx * x, (N, T, H, W), term by term."""
+    s = None
+    for A, b in rep.sp:
+        term = b[:, :, 0] * (x if A is None else A * x).sum(1, keepdim=True)
+        s = term if s is None else s + term
+    for A, v in rep.ch:
+        term = torch.einsum("ntc,nchw->nthw", v[:, :, :, 0, 0], x if A is None else A * x)
+        s = term if s is None else s + term
+    if rep.dense is not None:
+        term = (rep.dense * x.unsqueeze(1)).sum(2)
+        s = term if s is None else s + term
+    return s
+
+
+class NotFactorisable(RuntimeError):
+    """This model's graph does not fit the factorised backward (the batched one is used)."""
