@@ -118,18 +118,41 @@ def _place(P: torch.Tensor, delta, geom, size) -> torch.Tensor:
     """Zeros of the input's spatial ``size`` with ``P[..., o]`` at input position
     ``o * stride - padding + delta * dilation`` (window offset ``delta``), where in range."""
     out = P.new_zeros(P.shape[:-2] + tuple(size))
+    sl = _slices(P.shape[-2:], delta, geom, size)
+    if sl is not None:
+        out[..., sl[2], sl[3]] = P[..., sl[0], sl[1]]
+    return out
+
+
+def _spread(P: torch.Tensor, geom, size) -> torch.Tensor:
+    """The transposed box sum: every output position's value added to each input position of
+    its window (the sum of ``_place`` over the window offsets, accumulated in one buffer)."""
+    k, s, p, d = geom
+    if k == (1, 1) and p == (0, 0):
+        if s == (1, 1) and tuple(P.shape[-2:]) == tuple(size):
+            return P
+        return _place(P, (0, 0), geom, size)
+    out = P.new_zeros(P.shape[:-2] + tuple(size))
+    for dl in _offsets(k):
+        sl = _slices(P.shape[-2:], dl, geom, size)
+        if sl is not None:
+            out[..., sl[2], sl[3]] += P[..., sl[0], sl[1]]
+    return out
+
+
+def _slices(out_size, delta, geom, size):
+    """(output rows, output cols, input rows, input cols) slices of window offset ``delta``."""
     src, dst = [], []
     for dim in range(2):
         k, s, p, d = (g[dim] for g in geom)
-        n_in, n_out, off = size[dim], P.shape[-2 + dim], delta[dim] * d - p
+        n_in, n_out, off = size[dim], out_size[dim], delta[dim] * d - p
         lo = max(0, -(off // s))  # ceil(-off / s)
         hi = min(n_out - 1, (n_in - 1 - off) // s)
         if hi < lo:
-            return out
+            return None
         src.append(slice(lo, hi + 1))
         dst.append(slice(lo * s + off, hi * s + off + 1, s))
-    out[..., dst[0], dst[1]] = P[..., src[0], src[1]]
-    return out
+    return src[0], src[1], dst[0], dst[1]
 
 
 def _offsets(k):
@@ -448,11 +471,11 @@ def _conv(w: _Backward, node, m: nn.Conv2d, rep: Rep):
     if m.groups == 1:
         w.mark(node, "factorised" if rep.dense is None else "dense")
         s = _contract(rep, y)
-        T = s.shape[1]
-        d = F.conv2d(x.abs().sum(1, keepdim=True), ones, None, m.stride, m.padding, m.dilation)
-        r = (s / (d + EPS)).reshape(N * T, 1, *s.shape[2:])
-        t = conv2d_input((N * T, 1, H, W), ones, r, m.stride, m.padding, m.dilation)
-        w.send(node.args[0], Rep(sp=[(w.sign(node.args[0]), t.reshape(N, T, 1, H, W))]))
+        geom = (tuple(k), tuple(m.stride), tuple(m.padding), tuple(m.dilation))
+        d = w.cached(("boxsum", node), lambda: _box_sum(x, ones, geom))
+        r = s / d
+        t = _spread(r, geom, (H, W))
+        w.send(node.args[0], Rep(sp=[(w.sign(node.args[0]), t.unsqueeze(2))]))
         return
     w.mark(node, "dense")
     G = rep.materialise()
@@ -465,16 +488,12 @@ def _conv(w: _Backward, node, m: nn.Conv2d, rep: Rep):
 
 
 def _sign(self, src):
-    key = ("sign", src)
-    hit = self._memo.get(key)
-    if hit is None:
-        hit = self._memo[key] = (None, None, torch.sign(self.env[src]))
-    return hit[2]
+    return self.cached(("sign", src), lambda: torch.sign(self.env[src]))
 
 
-def _sign_like(self, src, make):
-    """A target-independent tensor made once per node (so terms built on it merge)."""
-    key = ("ones", src)
+def _cached(self, key, make):
+    """A target-independent tensor made once per (kind, node) (so terms built on it merge,
+    and target chunks share it)."""
     hit = self._memo.get(key)
     if hit is None:
         hit = self._memo[key] = (None, None, make())
@@ -482,20 +501,34 @@ def _sign_like(self, src, make):
 
 
 _Backward.sign = _sign
-_Backward.sign_like = _sign_like
+_Backward.cached = _cached
+
+
+def _box_sum(x, ones, geom):
+    """d + eps: the box sum of sum_c |x| over each output's window (single channel)."""
+    xs = x.abs().sum(1, keepdim=True)
+    k, s, p, dil = geom
+    if k == (1, 1) and p == (0, 0):
+        d = xs if s == (1, 1) else xs[..., ::s[0], ::s[1]]
+    else:
+        d = F.conv2d(xs, ones, None, s, p, dil)
+    return d + EPS
 
 
 def _bn(w: _Backward, node, m, rep: Rep):
     x, y = w.env[node.args[0]], w.env[node]
     w.mark(node, "factorised" if rep.dense is None else "dense")
-    w.send(node.args[0], w.scale(rep, y / (x + EPS)))
+    w.send(node.args[0], w.scale(rep, w.cached(("bn", node), lambda: y / (x + EPS))))
 
 
 def _mask(w: _Backward, node, rep: Rep, lo=0.0, hi=None):
     x = w.env[node.args[0]]
-    f = x > lo if hi is None else (x > lo) & (x < hi)
+
+    def make():
+        f = x > lo if hi is None else (x > lo) & (x < hi)
+        return f.to(x.dtype)
     w.mark(node, "factorised" if rep.dense is None else "dense")
-    w.send(node.args[0], w.scale(rep, f.to(x.dtype)))
+    w.send(node.args[0], w.scale(rep, w.cached(("mask", node), make)))
 
 
 def _relu_module(w, node, m, rep):
@@ -586,7 +619,7 @@ def _gap_rep(w: _Backward, node, rep: Rep, src) -> Rep:
     N, C, H, W = x.shape
     G = rep.materialise()
     w.mark(node, "factorised")
-    ones = w.sign_like(src, lambda: x.new_ones(()).expand(N, C, H, W))
+    ones = w.cached(("ones", src), lambda: x.new_ones(()).expand(N, C, H, W))
     return Rep(ch=[(ones, G.reshape(N, G.shape[1], C, 1, 1) / (H * W))])
 
 
