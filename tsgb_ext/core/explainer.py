@@ -283,8 +283,10 @@ class TSGB:
                 and degenerate_tolerance(x.dtype) is not None:
             # the first call for this input kind: the degenerate-layer check, on one target
             self._explain(x, lambda lg: select(lg)[:, :1], None, targets_hint=0)
+        backend = self._backend_for(x.device)
         try:
-            with tf32_off(x.is_cuda and not self.allow_tf32), self._factor_hold(in_block):
+            with tf32_off(x.is_cuda and not self.allow_tf32), self._factor_hold(in_block), \
+                    self._memory(backend, x, self._conversion if in_block else None):
                 maps, tgt, logits, clf = factor.explain(plan, x.detach(), select,
                                                         self.classifier)
         except factor.NotFactorisable as exc:
@@ -375,7 +377,7 @@ class TSGB:
         return sal.to(x.dtype), tgt, logits.detach()
 
     @contextlib.contextmanager
-    def _memory(self, backend, x: torch.Tensor, conv: Conversion):
+    def _memory(self, backend, x: torch.Tensor, conv: Optional[Conversion]):
         """Around one call: its CPU allocations reuse the memory a with-block keeps."""
         if not (self.reuse_memory and x.device.type == "cpu" and backends.reuses_memory(backend)):
             yield

@@ -69,23 +69,29 @@ _INPLACE_FUNCS = {operator.iadd: operator.add, operator.imul: operator.mul,
 class Rep:
     """Gradient at a node's output: ``dense`` (N, T, *shape) or None, ``sp``: [(A, b)],
     ``ch``: [(A, v)] (A None means ones), ``onehot``: the (N, T) targets while the gradient is
-    still the one-hot of the logits (lets the classifier rule select rows)."""
+    still the one-hot of the logits (lets the classifier rule select rows); ``pend``: a
+    target-independent factor not yet multiplied in (BN and activation factors wait for the
+    conv below, which folds them into its contraction once for all terms)."""
 
-    __slots__ = ("dense", "sp", "ch", "onehot")
+    __slots__ = ("dense", "sp", "ch", "onehot", "pend")
 
-    def __init__(self, dense=None, sp=(), ch=(), onehot=None):
+    def __init__(self, dense=None, sp=(), ch=(), onehot=None, pend=None):
         self.dense, self.sp, self.ch, self.onehot = dense, list(sp), list(ch), onehot
+        self.pend = pend
 
     @property
     def terms(self) -> int:
         return len(self.sp) + len(self.ch)
 
     def plus(self, other: "Rep") -> "Rep":
+        assert self.pend is other.pend
         dense = (self.dense if other.dense is None else other.dense if self.dense is None
                  else self.dense + other.dense)
-        return Rep(dense, _merge(self.sp + other.sp), _merge(self.ch + other.ch))
+        return Rep(dense, _merge(self.sp + other.sp), _merge(self.ch + other.ch),
+                   pend=self.pend)
 
     def materialise(self) -> torch.Tensor:
+        assert self.pend is None
         out = self.dense
         for A, b in self.sp + self.ch:
             term = b if A is None else A.unsqueeze(1) * b
@@ -175,7 +181,9 @@ def _stencil(rep: Rep, P_of, geom, size, post=None, max_terms=None) -> Rep:
         for dl in offs:
             q = _place(P, dl, geom, size)
             out = q if out is None else out + q
-        return out if post is None else out * post
+        if post is None:
+            return out
+        return out * (post if out.dim() == post.dim() else post.unsqueeze(1))
     dense = None if rep.dense is None else spread(P_of(None, rep.dense))
     ch = [(spread(P_of(A, None)), v) for A, v in rep.ch]
     sp = []
@@ -324,6 +332,7 @@ class _Backward:
         self.max_terms = max(T - 1, 0)
         self.grads: Dict[fx.Node, Rep] = {}
         self._memo: Dict[tuple, tuple] = {}
+        self.idem: set = set()  # ids of 0/1 masks (m * m == m)
         self.paths: Dict[str, str] = {}
 
     # -- helpers --
@@ -331,6 +340,8 @@ class _Backward:
         """A * f, memoised on the objects, so shared terms stay shared (and merge)."""
         if A is None:
             return f
+        if A is f and id(f) in self.idem:
+            return A
         key = (id(A), id(f))
         hit = self._memo.get(key)
         if hit is None or hit[0] is not A or hit[1] is not f:
@@ -339,17 +350,32 @@ class _Backward:
         return hit[2]
 
     def scale(self, rep: Rep, f) -> Rep:
-        """Every term times the target-independent factor ``f`` (N, C, H, W)."""
+        """Every term times the target-independent factor ``f`` (N, C, H, W), lazily: the
+        factor waits in ``pend`` (a mask that every term already carries is a no-op)."""
+        if (rep.pend is None and rep.dense is None and id(f) in self.idem
+                and all(A is f for A, _ in rep.sp + rep.ch)):
+            return rep
+        pend = f if rep.pend is None else self._mul(rep.pend, f)
+        return Rep(rep.dense, rep.sp, rep.ch, rep.onehot, pend)
+
+    def resolve(self, rep: Rep) -> Rep:
+        """``rep`` with its pending factor multiplied into every term."""
+        f = rep.pend
+        if f is None:
+            return rep
         dense = None if rep.dense is None else rep.dense * f.unsqueeze(1)
         return Rep(dense, [(self._mul(A, f), b) for A, b in rep.sp],
-                   [(self._mul(A, f), v) for A, v in rep.ch])
+                   [(self._mul(A, f), v) for A, v in rep.ch], rep.onehot)
 
     def send(self, node, rep: Rep) -> None:
         if not isinstance(node, fx.Node) or not self.active(node):
             return
-        if rep.terms and rep.terms > self.max_terms:
-            rep = rep.densify()
         old = self.grads.get(node)
+        if old is not None and old.pend is not rep.pend:
+            old, rep = self.resolve(old), self.resolve(rep)
+        if rep.terms + (old.terms if old is not None else 0) > self.max_terms:
+            old = None if old is None else self.resolve(old).densify()
+            rep = self.resolve(rep).densify()
         self.grads[node] = rep if old is None else old.plus(rep)
 
     def active(self, node) -> bool:
@@ -375,21 +401,28 @@ class _Backward:
                     self.grads[node] = rep
                 continue
             self.step(node, rep)
-        return self.grads.get(self.plan.input_node)
+        rep = self.grads.get(self.plan.input_node)
+        return None if rep is None else self.resolve(rep)
 
     def step(self, node, rep: Rep) -> None:
         if node.op == "call_module":
             m = self.plan.modules[node.target]
             handler = _MODULE_RULES.get(type(m)) or next(
                 (h for t, h in _MODULE_RULES.items() if isinstance(m, t)), None)
-            if handler is not None and handler(self, node, m, rep) is not False:
-                return
+            if handler is not None:
+                if handler not in _LAZY:
+                    rep = self.resolve(rep)
+                if handler(self, node, m, rep) is not False:
+                    return
         else:
             handler = _FUNCTION_RULES.get(node.target) if node.op == "call_function" else \
                 _METHOD_RULES.get(node.target)
-            if handler is not None and handler(self, node, rep) is not False:
-                return
-        self.vjp(node, rep)
+            if handler is not None:
+                if handler not in _LAZY:
+                    rep = self.resolve(rep)
+                if handler(self, node, rep) is not False:
+                    return
+        self.vjp(node, self.resolve(rep))
 
     def vjp(self, node, rep: Rep) -> None:
         """An op without a TSGB rule: its ordinary gradient, batched over the targets."""
@@ -446,12 +479,20 @@ def _batched_grad(out, inputs, G):
 
 
 # ---- per-op rules ----------------------------------------------------------------------------
+def _csum(t: torch.Tensor) -> torch.Tensor:
+    """sum over channels, (N, C, H, W) -> (N, 1, H, W), as a matrix-vector product (a strided
+    reduction over dim 1 is ~100x slower on the CPU)."""
+    N, C = t.shape[:2]
+    ones = t.new_ones((1, C))
+    return torch.matmul(ones, t.reshape(N, C, -1)).view((N, 1) + tuple(t.shape[2:]))
+
+
 def _contract(rep: Rep, y: torch.Tensor) -> torch.Tensor:
     """s[n, t, o] = sum_k g[n, t, k, o] * y[n, k, o], term by term."""
     s = None
     for A, b in rep.sp:
-        q = (y if A is None else A * y).sum(1, keepdim=True)  # (N, 1, H, W): target-free
-        term = b[:, :, 0] * q
+        q = _csum(y if A is None else A * y)
+        term = b[:, :, 0] * q  # q (N, 1, H, W): target-free
         s = term if s is None else s + term
     for A, v in rep.ch:
         ay = y if A is None else A * y
@@ -470,7 +511,7 @@ def _conv(w: _Backward, node, m: nn.Conv2d, rep: Rep):
     ones = x.new_ones((1, 1) + tuple(k))
     if m.groups == 1:
         w.mark(node, "factorised" if rep.dense is None else "dense")
-        s = _contract(rep, y)
+        s = _contract(rep, y if rep.pend is None else w._mul(rep.pend, y))
         geom = (tuple(k), tuple(m.stride), tuple(m.padding), tuple(m.dilation))
         d = w.cached(("boxsum", node), lambda: _box_sum(x, ones, geom))
         r = s / d
@@ -478,7 +519,7 @@ def _conv(w: _Backward, node, m: nn.Conv2d, rep: Rep):
         w.send(node.args[0], Rep(sp=[(w.sign(node.args[0]), t.unsqueeze(2))]))
         return
     w.mark(node, "dense")
-    G = rep.materialise()
+    G = w.resolve(rep).materialise()
     T, K = G.shape[1], G.shape[2]
     wk = x.new_ones((K, C // m.groups) + tuple(k))
     D = F.conv2d(x.abs(), wk, None, m.stride, m.padding, m.dilation, m.groups)
@@ -488,7 +529,35 @@ def _conv(w: _Backward, node, m: nn.Conv2d, rep: Rep):
 
 
 def _sign(self, src):
+    """sign(x) of a conv input: for a ReLU's output that is the ReLU's own 0/1 mask (the
+    same tensor, so multiplying the two again is a no-op)."""
+    if _relu_like(self, src):
+        return self.mask(src, 0.0, None)
     return self.cached(("sign", src), lambda: torch.sign(self.env[src]))
+
+
+def _mask_of(self, node, lo, hi):
+    """The 0/1 gradient mask (lo < x < hi) of an activation node (cached, idempotent)."""
+    x = self.env[node.args[0]]
+
+    def make():
+        if lo == 0.0 and hi is None and _relu_like(self, node):
+            return torch.sign(self.env[node])  # relu(x) >= 0: its sign is [x > 0], one pass
+        f = x > lo if hi is None else (x > lo) & (x < hi)
+        return f.to(x.dtype)
+    f = self.cached(("mask", node, lo, hi), make)
+    self.idem.add(id(f))
+    return f
+
+
+def _relu_like(w, node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_module":
+        return type(w.plan.modules[node.target]) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_, F.relu_)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
 def _cached(self, key, make):
@@ -501,12 +570,13 @@ def _cached(self, key, make):
 
 
 _Backward.sign = _sign
+_Backward.mask = _mask_of
 _Backward.cached = _cached
 
 
 def _box_sum(x, ones, geom):
     """d + eps: the box sum of sum_c |x| over each output's window (single channel)."""
-    xs = x.abs().sum(1, keepdim=True)
+    xs = _csum(x.abs())
     k, s, p, dil = geom
     if k == (1, 1) and p == (0, 0):
         d = xs if s == (1, 1) else xs[..., ::s[0], ::s[1]]
@@ -524,11 +594,8 @@ def _bn(w: _Backward, node, m, rep: Rep):
 def _mask(w: _Backward, node, rep: Rep, lo=0.0, hi=None):
     x = w.env[node.args[0]]
 
-    def make():
-        f = x > lo if hi is None else (x > lo) & (x < hi)
-        return f.to(x.dtype)
     w.mark(node, "factorised" if rep.dense is None else "dense")
-    w.send(node.args[0], w.scale(rep, w.cached(("mask", node), make)))
+    w.send(node.args[0], w.scale(rep, w.mask(node, lo, hi)))
 
 
 def _relu_module(w, node, m, rep):
@@ -758,6 +825,9 @@ _FUNCTION_RULES = {operator.add: _add, operator.iadd: _add, torch.add: _add, tor
                    F.relu: _relu_fn, F.relu_: _relu_fn, F.relu6: _relu6_fn,
                    F.hardtanh: _hardtanh_fn, F.adaptive_avg_pool2d: _adaptive_fn,
                    torch.mean: _mean, F.dropout: _dropout_fn}
+#: handlers that take a Rep with a pending factor (the rest get it multiplied in first)
+_LAZY = {_bn, _relu_module, _relu_fn, _relu6_fn, _hardtanh_fn, _add, _identity_module,
+         _dropout_fn, _conv}
 _METHOD_RULES = {"add": _add, "add_": _add, "relu": _relu_fn, "relu_": _relu_fn,
                  "flatten": _reshape, "view": _reshape, "reshape": _reshape, "mean": _mean}
 
@@ -811,7 +881,7 @@ def _input_maps(rep: Rep, x: torch.Tensor) -> torch.Tensor:
     """sum over colour channels of gx * x, (N, T, H, W), term by term."""
     s = None
     for A, b in rep.sp:
-        term = b[:, :, 0] * (x if A is None else A * x).sum(1, keepdim=True)
+        term = b[:, :, 0] * _csum(x if A is None else A * x)
         s = term if s is None else s + term
     for A, v in rep.ch:
         term = torch.einsum("ntc,nchw->nthw", v[:, :, :, 0, 0], x if A is None else A * x)
