@@ -277,12 +277,7 @@ class TSGB:
         plan = self._factor_plan if in_block else self._plan()
         if plan is None:
             return None
-        key = (tuple((id(m), type(m)) for m in self.model.modules()), tuple(x.shape[1:]),
-               x.dtype, None, x.device.type)
-        if key not in _degenerate_checked.get(self.model, {}) \
-                and degenerate_tolerance(x.dtype) is not None:
-            # the first call for this input kind: the degenerate-layer check, on one target
-            self._explain(x, lambda lg: select(lg)[:, :1], None, targets_hint=0)
+        self._degenerate_check(x, select)
         backend = self._backend_for(x.device)
         try:
             with tf32_off(x.is_cuda and not self.allow_tf32), self._factor_hold(in_block), \
@@ -290,17 +285,103 @@ class TSGB:
                 maps, tgt, logits, clf = factor.explain(plan, x.detach(), select,
                                                         self.classifier)
         except factor.NotFactorisable as exc:
-            self.factor_status = f"not factorisable: {exc}"
-            self._factor_cache["factor"] = (self._factor_cache["factor"][0], None,
-                                            self.factor_status)
-            if in_block:
-                self._factor_plan = None
+            self._not_factorisable(exc, in_block)
             return None
         deferred_checks(x, tgt, logits.shape[1])
         self._last_classifier = clf
         self.last_path = "factorised"
         self.factor_status = "factorised"
         return maps, tgt, logits
+
+    def pixel_classes(self, x: torch.Tensor, classes=None, k: int = 1, chunk: int = 64
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel top-``k`` class over many targets' maps, never holding all of them.
+
+        At every pixel, the ``k`` targets whose TSGB maps are largest there (weak segmentation
+        labels from a classifier: "which class is this evidence for"). The maps are computed
+        ``chunk`` targets at a time from one forward pass (the factorised backward shares its
+        target-independent work between chunks; a model it cannot take runs one batched call
+        per chunk), and only the running top-k is kept: memory O(k + chunk) maps, not O(T).
+
+        Args:
+            x: (N, C, H, W) input.
+            classes: None (every class of the model), a 1-D sequence / tensor of class ids
+                (the same for every sample) or an (N, T) integer tensor (per sample).
+            k: how many classes per pixel (1 <= k <= T).
+            chunk: targets per backward pass.
+        Returns:
+            ``(ids, values)``, both (N, k, H, W): class ids (int64), best first, and their map
+            values at that pixel.
+        """
+        check_call(x)
+        k, chunk = _positive_int("k", k), _positive_int("chunk", chunk)
+        best_v = best_i = None
+        for ids, maps in self._chunked_maps(x, classes, chunk, k):
+            ids = ids[:, :, None, None].expand_as(maps)
+            v = maps if best_v is None else torch.cat([best_v, maps], 1)
+            i = ids if best_i is None else torch.cat([best_i, ids], 1)
+            top = v.topk(min(k, v.shape[1]), dim=1)
+            best_v, best_i = top.values, i.gather(1, top.indices)
+        return best_i, best_v
+
+    def _chunked_maps(self, x, classes, chunk, k):
+        """(ids (N, c), maps (N, c, H, W)) chunk by chunk."""
+        n = x.shape[0]
+
+        def resolve(num_classes):
+            tg = _class_table(classes, n, num_classes, x.device)
+            if k > tg.shape[1]:
+                raise ValueError(f"k must be at most the number of classes ({tg.shape[1]}), "
+                                 f"got {k}")
+            return tg
+        run = self._factor_run(x) if self.factorize is not False else None
+        if run is not None:
+            self.last_path = "factorised"
+            tg = resolve(run.logits.shape[1])
+            for a in range(0, tg.shape[1], chunk):
+                yield tg[:, a:a + chunk], run.maps(tg[:, a:a + chunk])
+            return
+        a, total = 0, None
+        while total is None or a < total:
+            table = {}
+
+            def select(lg, a=a):
+                table["tg"] = resolve(lg.shape[1])
+                return table["tg"][:, a:a + chunk]
+            maps, ids, _ = self._explain(x, select, None, targets_hint=0)
+            total = table["tg"].shape[1]
+            yield ids, maps
+            a += chunk
+
+    def _factor_run(self, x):
+        """A :class:`factor.Run` of ``x`` (its forward done), or None (no plan, or the graph
+        does not fit); the model stays held while the caller iterates."""
+        in_block = self._conversion is not None
+        plan = self._factor_plan if in_block else self._plan()
+        if plan is None or x.dtype not in (torch.float32, torch.float64):
+            return None
+        self._degenerate_check(x, lambda lg: lg.argmax(1, keepdim=True))
+        try:
+            with self._factor_hold(in_block):
+                return factor.Run(plan, x.detach(), self.classifier)
+        except factor.NotFactorisable as exc:
+            self._not_factorisable(exc, in_block)
+            return None
+
+    def _degenerate_check(self, x, select) -> None:
+        key = (tuple((id(m), type(m)) for m in self.model.modules()), tuple(x.shape[1:]),
+               x.dtype, None, x.device.type)
+        if key not in _degenerate_checked.get(self.model, {}) \
+                and degenerate_tolerance(x.dtype) is not None:
+            # the first call for this input kind: the degenerate-layer check, on one target
+            self._explain(x, lambda lg: select(lg)[:, :1], None, targets_hint=0)
+
+    def _not_factorisable(self, exc, in_block: bool) -> None:
+        self.factor_status = f"not factorisable: {exc}"
+        self._factor_cache["factor"] = (self._factor_cache["factor"][0], None,
+                                        self.factor_status)
+        if in_block:
+            self._factor_plan = None
 
     @contextlib.contextmanager
     def _factor_hold(self, in_block: bool):
@@ -479,6 +560,30 @@ class RuleReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _class_table(classes, n: int, num_classes: int, device) -> torch.Tensor:
+    """(N, T) int64 class ids from ``pixel_classes``' ``classes`` argument."""
+    if classes is None:
+        return torch.arange(num_classes, device=device).expand(n, num_classes)
+    tg = torch.as_tensor(classes)
+    if tg.is_floating_point() or tg.is_complex() or tg.dtype == torch.bool:
+        raise TypeError(f"classes must be integer class ids, got {tg.dtype}")
+    if tg.dim() == 1:
+        tg = tg.expand(n, -1)
+    if tg.dim() != 2 or tg.shape[0] != n or tg.shape[1] == 0:
+        raise ValueError(f"classes must be None, a non-empty 1-D sequence of class ids or an "
+                         f"(N={n}, T) tensor, got shape {tuple(tg.shape)}")
+    if int(tg.min()) < 0 or int(tg.max()) >= num_classes:
+        raise IndexError(f"classes must be class indices in [0, {num_classes}), got "
+                         f"{int(tg.min()) if int(tg.min()) < 0 else int(tg.max())}")
+    return tg.to(device=device, dtype=torch.int64)
 
 
 def _keep_saved_buffers():

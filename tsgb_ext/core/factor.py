@@ -844,37 +844,57 @@ def _active_nodes(plan: FactorPlan) -> set:
     return active
 
 
-def explain(plan: FactorPlan, x: torch.Tensor, select, classifier: Optional[nn.Module]):
-    """Maps (N, T, H, W), targets (N, T) and logits of ``x`` by the factorised backward.
+class Run:
+    """One forward of ``x`` through the plan, then the maps of any number of target sets
+    (:meth:`maps`): the target-independent tensors (masks, BN factors, contractions' weights,
+    box sums) are made once and shared by every call, so targets can come in chunks.
 
     ``classifier``: the TSGB-FC Linear (None: the last Linear the forward runs). Raises
     :class:`NotFactorisable` when this model's graph turns out not to fit (the caller then
     uses the batched backward)."""
-    fwd = _Forward(plan)
-    with torch.no_grad():
-        out = fwd.run(x)
-        out_node = next(n for n in plan.nodes if n.op == "output").args[0]
-        if not isinstance(out_node, fx.Node) or not isinstance(out, torch.Tensor) \
+
+    def __init__(self, plan: FactorPlan, x: torch.Tensor, classifier: Optional[nn.Module]):
+        self.plan, self.x = plan, x
+        self.fwd = _Forward(plan)
+        with torch.no_grad():
+            out = self.fwd.run(x)
+        self.out_node = next(n for n in plan.nodes if n.op == "output").args[0]
+        if not isinstance(self.out_node, fx.Node) or not isinstance(out, torch.Tensor) \
                 or out.dim() != 2 or out.shape[0] != x.shape[0]:
             raise NotFactorisable("the model's output is not one (N, classes) tensor")
-        clf = classifier
-        if clf is None:
+        self.logits = out.detach()
+        if classifier is None:
             linears = [plan.modules[n.target] for n in plan.nodes if n.op == "call_module"
                        and isinstance(plan.modules[n.target], nn.Linear)]
             if not linears:
                 raise NotFactorisable("the forward ran no nn.Linear module")
-            clf = linears[-1]
-        targets = select(out.detach())
+            classifier = linears[-1]
+        self.classifier = classifier
         plan.active = _active_nodes(plan)
-        walk = _Backward(plan, fwd, clf, targets.shape[1])
-        rep = walk.run(out_node, targets)
-        xin = fwd.env[plan.input_node]
-        if rep is None:
-            maps = x.new_zeros((x.shape[0], targets.shape[1]) + tuple(x.shape[2:]))
-        else:
-            maps = _input_maps(rep, xin)
-    plan.paths = walk.paths
-    return maps.to(x.dtype), targets, out.detach(), clf
+        self._memo: Dict[tuple, tuple] = {}
+        self._idem: set = set()
+
+    def maps(self, targets: torch.Tensor) -> torch.Tensor:
+        """(N, T, H, W) maps for the (N, T) int64 ``targets``, in ``x``'s dtype."""
+        x, plan = self.x, self.plan
+        walk = _Backward(plan, self.fwd, self.classifier, targets.shape[1])
+        walk._memo, walk.idem = self._memo, self._idem
+        with torch.no_grad():
+            rep = walk.run(self.out_node, targets)
+            if rep is None:
+                maps = x.new_zeros((x.shape[0], targets.shape[1]) + tuple(x.shape[2:]))
+            else:
+                maps = _input_maps(rep, self.fwd.env[plan.input_node])
+        plan.paths = walk.paths
+        return maps.to(x.dtype)
+
+
+def explain(plan: FactorPlan, x: torch.Tensor, select, classifier: Optional[nn.Module]):
+    """Maps (N, T, H, W), targets (N, T), logits and the classifier used, for the targets
+    ``select(logits)`` picks, by the factorised backward (see :class:`Run`)."""
+    run = Run(plan, x, classifier)
+    targets = select(run.logits)
+    return run.maps(targets), targets, run.logits, run.classifier
 
 
 def _input_maps(rep: Rep, x: torch.Tensor) -> torch.Tensor:
