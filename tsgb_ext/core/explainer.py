@@ -521,7 +521,11 @@ class TSGB:
                 if isinstance(b, FusedBlock) and not b.__dict__.get("subclass_unfusable"):
                     fused.update((b.conv_, b.bn_))
         rows = describe_rules(self.model, clf, self._observed, self._degenerate, fused)
-        return RuleReport(rows, classifier_known=clf is not None)
+        plan = self._factor_plan if self._conversion is not None else \
+            (self._factor_cache.get("factor") or (None, None))[1]
+        paths = dict(plan.paths) if plan is not None else {}
+        return RuleReport(rows, classifier_known=clf is not None, paths=paths,
+                          factor_status=self.factor_status)
 
 
 class RuleReport:
@@ -530,11 +534,24 @@ class RuleReport:
 
     ``rows``: list of ``(name, type, rule, note)``; ``rule`` is one of ``"conv"``,
     ``"batchnorm"``, ``"avgpool"``, ``"classifier"`` or ``"gradient"`` (ordinary gradient).
-    ``by_rule(rule)`` lists the names with that rule; ``str(report)`` is a table."""
+    ``by_rule(rule)`` lists the names with that rule; ``str(report)`` is a table.
 
-    def __init__(self, rows, classifier_known: bool = True):
+    ``paths``: after a factorised call, which path each graph node's backward took there
+    (module name, or the graph node's name for functions): ``"factorised"`` (target-independent
+    factors times per-target single-channel maps or channel vectors), ``"dense"`` (the rule on
+    the materialised per-target gradient), ``"autograd"`` (an op without a TSGB rule: its
+    ordinary gradient, batched over targets), ``"classifier rows"``, ``"pass"``;
+    ``factor_status``: why the factorised path was or was not taken."""
+
+    def __init__(self, rows, classifier_known: bool = True, paths=None,
+                 factor_status: str = ""):
         self.rows = list(rows)
         self.classifier_known = classifier_known
+        self.paths = dict(paths or {})
+        self.factor_status = factor_status
+
+    def by_path(self, path: str):
+        return [n for n, p in self.paths.items() if p == path]
 
     def by_rule(self, rule: str):
         return [r[0] for r in self.rows if r[2] == rule]
@@ -557,6 +574,14 @@ class RuleReport:
                      + ("" if self.classifier_known else
                         "; classifier: the last nn.Linear the first call runs (call "
                         "report(x) to see it)"))
+        if self.paths:
+            counts = {}
+            for p in self.paths.values():
+                counts[p] = counts.get(p, 0) + 1
+            lines.append("factorised backward (last call), graph nodes by path: "
+                         + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        elif self.factor_status:
+            lines.append(f"factorised backward: {self.factor_status}")
         return "\n".join(lines)
 
     __repr__ = __str__

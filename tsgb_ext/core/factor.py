@@ -385,7 +385,8 @@ class _Backward:
         return self.env[a] if isinstance(a, fx.Node) else a
 
     def mark(self, node, path):
-        self.paths[node.name] = path
+        """Record the path ``node`` took (keyed by module name, or the graph node's name)."""
+        self.paths[node.target if node.op == "call_module" else node.name] = path
 
     # -- the walk --
     def run(self, out_node, targets) -> Rep:

@@ -1,0 +1,232 @@
+"""The factorised many-target backward (tsgb_ext.core.factor, ``TSGB(factorize=...)``).
+
+Every map it returns must equal the map of a single-target call of the batched backward
+(``factorize=False``), per target: float64 relative L2 <= 1e-9 (or, on a model whose maps are
+that ill-conditioned, what one-ulp rounding costs the reference: test_models' bound), on every
+model family of the suite, random targets, batch > 1 and mixed T; and on hand-written graphs
+that reach each rule's factorised form (overlapping and non-overlapping pools, strides,
+dilations, groups, additions, concatenations, global pools by module, function and method).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import reference as ref
+import tsgb_ext
+from conftest import assert_same, native_skip_mark, snapshot
+from test_models import F64_SPREAD_FACTOR, FAMILIES, build, rel_err
+
+pytestmark = native_skip_mark()
+
+#: families whose graph the factorised path cannot take, and why (the batched path runs)
+NOT_FACTORISED = {"shufflenet_v2": "tuple"}  # torch.chunk: a node with several outputs
+
+
+def single_target_maps(model, x, tgt):
+    ex = tsgb_ext.TSGB(model, factorize=False)
+    return torch.cat([ex.attribute(x, tgt[:, j]) for j in range(tgt.shape[1])], 1)
+
+
+def check_close(model, x, tgt, got, want):
+    err = rel_err(got, want)
+    if err <= 1e-9:
+        return
+    spread = max(ref.float64_rounding_spread(model, x, tgt[:, j], want[:, j:j + 1])
+                 for j in range(tgt.shape[1]))
+    assert err <= max(1e-9, F64_SPREAD_FACTOR * spread), (err, spread)
+
+
+def random_targets(n, t, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, classes, (n, t), generator=g)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_factorised_equals_single_target_maps(name):
+    model, size = build(name)
+    m64 = copy.deepcopy(model).double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    tgt = random_targets(2, 3, 10, seed=len(name))
+    tgt[1, 2] = tgt[1, 0]  # a class twice
+    ex = tsgb_ext.TSGB(m64)
+    got = ex.attribute(x, tgt)
+    assert got.shape == (2, 3, size, size)
+    if name in NOT_FACTORISED:
+        assert ex.last_path == "batched" and NOT_FACTORISED[name] in ex.factor_status
+    else:
+        assert ex.last_path == "factorised", ex.factor_status
+    check_close(m64, x, tgt, got, single_target_maps(m64, x, tgt))
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 12])
+def test_mixed_T_and_many_terms(T):
+    """T = 12 keeps up to 11 terms per node: the overlapping 3x3 max pool of ResNet's stem
+    stays one term per window offset instead of being materialised."""
+    model, size = build("resnet18")
+    m64 = copy.deepcopy(model).double()
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    tgt = random_targets(3, T, 10, seed=T)
+    ex = tsgb_ext.TSGB(m64, factorize=True)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised"
+    check_close(m64, x, tgt, got, single_target_maps(m64, x, tgt))
+    paths = ex.report().paths
+    assert paths["maxpool"] in ("factorised", "dense")
+
+
+class Zoo(nn.Module):
+    """Every rule's factorised form: strided/dilated/padded convs, a grouped conv, pools with
+    overlapping windows, ceil mode, padding, count_include_pad, divisor_override, dilation;
+    additions, concatenation, ReLU6 / hardtanh, in-place ops, a functional and a method GAP."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=2, dilation=2)
+        self.b1 = nn.BatchNorm2d(8)
+        self.p1 = nn.MaxPool2d(3, stride=2, padding=1, dilation=1, ceil_mode=True)
+        self.c2 = nn.Conv2d(8, 8, (3, 1), padding=(1, 0), bias=False)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.a1 = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        self.a2 = nn.AvgPool2d(2, stride=2, ceil_mode=True, divisor_override=3)
+        self.p2 = nn.MaxPool2d(2, stride=1, dilation=2)
+        self.c4 = nn.Conv2d(16, 12, 1, stride=2)
+        self.act = nn.ReLU6(inplace=True)
+        self.drop = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(12, 12)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = self.p1(y)
+        z = self.act(self.c2(y))
+        z = z + F.hardtanh(self.c3(y), 0.0, 4.0)
+        z += y
+        u = torch.cat([self.a1(z), F.relu(self.p2(F.pad(z, (1, 1, 1, 1))))], 1)
+        u = self.a2(u)
+        v = F.relu(self.c4(u))
+        g = v.mean((2, 3)) + F.adaptive_avg_pool2d(v, 1).flatten(1) * 0.5
+        return self.fc(self.drop(F.relu(self.fc1(g))))
+
+
+def zoo(seed=0):
+    torch.manual_seed(seed)
+    m = Zoo()
+    with torch.no_grad():
+        m.b1.running_mean.uniform_(-0.2, 0.2)
+        m.b1.running_var.uniform_(0.5, 1.5)
+    return m.double().eval()
+
+
+@pytest.mark.parametrize("T", [2, 12])
+@pytest.mark.parametrize("size", [29, 32])
+def test_every_rule_form(T, size):
+    m = zoo()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    tgt = random_targets(2, T, 10, seed=size + T)
+    ex = tsgb_ext.TSGB(m)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised", ex.factor_status
+    want = single_target_maps(m, x, tgt)
+    assert rel_err(got, want) <= 1e-9
+    paths = ex.report().paths
+    assert paths["c3"] == "dense"  # grouped conv: the group-aware rule on materialised terms
+    if T == 12:  # above the grouped conv (whose dense gradient then spreads down)
+        assert {paths[n] for n in ("c4", "a2", "a1", "p2")} == {"factorised"}
+
+
+def test_float32_matches_batched_within_float32_rounding():
+    model, size = build("resnet50")
+    x = torch.randn(2, 3, size, size)
+    tgt = random_targets(2, 4, 10, seed=5)
+    got = tsgb_ext.TSGB(model).attribute(x, tgt)
+    want = single_target_maps(model, x, tgt)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_model_is_left_as_it_was_and_with_block():
+    m = zoo()
+    m.train()
+    before = snapshot(m)
+    x = torch.randn(2, 3, 29, 29, dtype=torch.float64)
+    tgt = random_targets(2, 3, 10, seed=1)
+    out = tsgb_ext.TSGB(m).attribute(x, tgt)
+    assert_same(before, snapshot(m))
+    with tsgb_ext.TSGB(m) as ex:
+        a = ex.attribute(x, tgt)
+        b = ex.attribute(x, tgt)
+        assert ex.last_path == "factorised"
+    assert_same(before, snapshot(m))
+    assert torch.equal(a, b) and rel_err(a, out) <= 1e-12
+
+
+def test_hooks_and_explain_take_the_batched_path():
+    m = zoo()
+    x = torch.randn(1, 3, 29, 29, dtype=torch.float64)
+    tgt = random_targets(1, 3, 10, seed=2)
+    want = tsgb_ext.TSGB(m).attribute(x, tgt)
+    h = m.c2.register_forward_hook(lambda mod, i, o: None)
+    try:
+        ex = tsgb_ext.TSGB(m)
+        got = ex.attribute(x, tgt)
+        assert ex.last_path == "batched" and "hooks" in ex.factor_status
+    finally:
+        h.remove()
+    assert rel_err(got, want) <= 1e-12
+    ex = tsgb_ext.TSGB(m)
+    maps, t, _ = ex.explain(x, lambda lg: lg.topk(3, 1).indices)
+    assert ex.last_path == "batched" and maps.shape == (1, 3, 29, 29)
+    ex = tsgb_ext.TSGB(m, factorize=True)
+    maps2, t2, _ = ex.explain(x, lambda lg: lg.topk(3, 1).indices)
+    assert ex.last_path == "factorised" and torch.equal(t, t2)
+    assert rel_err(maps2, maps) <= 1e-9
+
+
+def test_factorize_argument_is_checked():
+    with pytest.raises(ValueError, match="factorize"):
+        tsgb_ext.TSGB(zoo(), factorize="yes")
+
+
+@pytest.mark.parametrize("factorize", [True, False])
+def test_pixel_classes_is_the_top_k_of_all_maps(factorize):
+    m = zoo()
+    x = torch.randn(2, 3, 29, 29, dtype=torch.float64)
+    full = single_target_maps(m, x, torch.arange(10).expand(2, 10))
+    ex = tsgb_ext.TSGB(m, factorize=factorize)
+    ids, vals = ex.pixel_classes(x, k=3, chunk=4)
+    top = full.topk(3, 1)
+    assert ids.shape == vals.shape == (2, 3, 29, 29) and ids.dtype == torch.int64
+    assert torch.allclose(vals, top.values, rtol=1e-9, atol=1e-12 * full.abs().max().item())
+    # the ids name maps with those values (pixels where maps tie, e.g. all zero, may differ)
+    assert torch.allclose(full.gather(1, ids), vals, rtol=1e-9,
+                          atol=1e-12 * full.abs().max().item())
+    assert (ids == top.indices)[top.values[:, :1].expand_as(ids) != 0].float().mean() > 0.99
+    sub = [7, 2, 5]
+    ids, vals = ex.pixel_classes(x, classes=sub, k=1, chunk=2)
+    assert torch.allclose(vals, full[:, sub].max(1, keepdim=True).values, rtol=1e-9,
+                          atol=1e-12 * full.abs().max().item())
+    assert set(ids.unique().tolist()) <= set(sub)
+    per = torch.tensor([[1, 2], [3, 4]])
+    ids, _ = ex.pixel_classes(x, classes=per)
+    assert set(ids[0].unique().tolist()) <= {1, 2} and set(ids[1].unique().tolist()) <= {3, 4}
+
+
+def test_pixel_classes_bad_arguments():
+    ex = tsgb_ext.TSGB(zoo())
+    x = torch.randn(1, 3, 29, 29, dtype=torch.float64)
+    with pytest.raises(ValueError, match="k must be"):
+        ex.pixel_classes(x, k=0)
+    with pytest.raises(ValueError, match="chunk must be"):
+        ex.pixel_classes(x, chunk=1.5)
+    with pytest.raises(ValueError, match="k must be at most"):
+        ex.pixel_classes(x, classes=[1, 2], k=3)
+    with pytest.raises(IndexError, match="classes must be class indices"):
+        ex.pixel_classes(x, classes=[1, 10])
+    with pytest.raises(TypeError, match="integer class ids"):
+        ex.pixel_classes(x, classes=[1.0])
+    with pytest.raises(ValueError, match="classes must be None"):
+        ex.pixel_classes(x, classes=torch.zeros(2, 2, dtype=torch.long))
