@@ -99,6 +99,27 @@ def test_npy_top1_index_and_maps(imgs, tmp_path, capsys):
     assert "5 images explained" in printed.out and "images/s" in printed.out
 
 
+def test_pixel_classes_are_the_argmax_of_all_class_maps(imgs, tmp_path):
+    out = tmp_path / "outpc"
+    assert run([imgs, "--out", out, *TINY, "--pixel-classes", "--top-k", "2"]) == 0
+    rows = [r for r in index(out) if r["rank"] == "1"]
+    files = sorted(os.listdir(out / "pixel_classes"))
+    assert len(files) == len(rows) == 5
+    paths = [r["image"] for r in rows]
+    import explain_factory
+    classes = explain_factory.tiny()(torch.zeros(1, 3, 32, 32)).shape[1]
+    full = expected_maps(paths, [list(range(classes))] * len(paths))
+    for p, f in zip(paths, [next(f for f in files
+                                 if f.startswith(explain_cli.safe_name(os.path.relpath(
+                                     p, imgs), os.path.abspath(p))))
+                            for p in paths]):
+        ids = np.load(out / "pixel_classes" / f)
+        assert ids.shape == (32, 32) and ids.dtype == np.int16
+        m = full[paths.index(p)]
+        chosen = np.take_along_axis(m, ids[None].astype(np.int64), 0)[0]
+        np.testing.assert_allclose(chosen, m.max(0), rtol=1e-5, atol=1e-6 * np.abs(m).max())
+
+
 def test_map_dtype_float32_keeps_the_maps_as_computed(imgs, tmp_path, capsys):
     out = tmp_path / "out32"
     assert run([imgs, "--out", out, *TINY, "--workers", "0", "--map-dtype", "float32"]) == 0

@@ -144,6 +144,11 @@ def register(sub) -> None:
                    help="dtype of the npy maps: float16 (default: half the disk; each map "
                         "scaled by a power of two kept in index.csv, so small maps keep "
                         "float16's 11 significant bits) or float32 (as computed)")
+    g.add_argument("--pixel-classes", action="store_true",
+                   help="also write pixel_classes/<name>.npy per image: at every pixel (of the "
+                        "model's input) the class whose TSGB map is largest there, over all "
+                        "the model's classes (int16; the maps of all classes come from one "
+                        "forward pass, chunk by chunk, and are never all held)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run DIR holds (same options): skip its complete images")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -534,9 +539,12 @@ def _explain_loop(job: _Job, mine, tally: _Tally) -> bool:
     try:
         # one conversion for the whole run (the command owns the model), so the native
         # backend also reuses the CPU activation memory from batch to batch
-        with TSGB(model, backend=job.backend) as ex:
+        many = (top_k or 0) >= 2 or len(job.v["ids"] or ()) >= 2
+        with TSGB(model, backend=job.backend, factorize=True if many else "auto") as ex:
             for res in pipeline.explain_batches(ex, dl, target=target, top_k=top_k, device=dev,
                                                 amp=args.amp, mean=job.mean, std=job.std):
+                if args.pixel_classes:
+                    res.meta["pixel_classes"] = _pixel_classes(job, ex, res)
                 _write_batch(job, ds, res, tally)
                 bar.update(len(res.meta["path"]) + len(res.meta["failed"]))
         job.store.flush()
@@ -545,6 +553,22 @@ def _explain_loop(job: _Job, mine, tally: _Tally) -> bool:
     finally:
         bar.close()
     return True
+
+
+def _pixel_classes(job: _Job, ex, res) -> Optional[np.ndarray]:
+    """(N, H, W) int16: each pixel's top-1 class over all classes (``TSGB.pixel_classes``)."""
+    x = res.inputs
+    if x.shape[0] == 0:
+        return None
+    dtype = next((p.dtype for p in ex.model.parameters() if p.is_floating_point()),
+                 torch.float32)
+    x = x.to(job.dev, torch.float64 if dtype == torch.float64 else torch.float32)
+    if job.mean is not None or job.std is not None:
+        m = torch.tensor(job.mean or (0.0,) * 3, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        s = torch.tensor(job.std or (1.0,) * 3, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        x = (x - m) / s
+    ids, _ = ex.pixel_classes(x.to(dtype), k=1)
+    return ids[:, 0].to(torch.int16).cpu().numpy()
 
 
 def _write_batch(job: _Job, ds, res, tally: _Tally) -> None:
@@ -569,6 +593,10 @@ def _write_batch(job: _Job, ds, res, tally: _Tally) -> None:
         if "png" in job.v["formats"]:
             titles = [f"{job.names[c]}  p={x:.2f}" for c, x in zip(cls, sc)]
             png = _png(job, it, res.inputs[b], torch.from_numpy(maps), titles)
+        if meta.get("pixel_classes") is not None:
+            arr = meta["pixel_classes"][b]
+            job.store.write_png(f"{map_store.PIXEL_CLASSES}/{safe_name(it.rel, it.path)}.npy",
+                                lambda f, arr=arr: np.save(f, arr))
         rows = job.store.add_image(path, maps if job.npy else None, cls, scores=sc,
                                    class_names=job.names, rel=it.rel, given=it.given, png=png)
         tally.maps += len(rows)

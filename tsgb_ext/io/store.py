@@ -69,13 +69,14 @@ INDEX = "index.csv"
 FAILED = "failed.csv"
 SHARDS = "shards"
 PNG = "png"
+PIXEL_CLASSES = "pixel_classes"  # tsgb explain --pixel-classes: per-image class maps (.npy)
 TOOL = "tsgb explain"
 #: The layout's number in ``run.json`` (none: tsgb 0.1.0, float16 maps without a scale).
 LAYOUT = 2
 COLUMNS = ["image", "target", "class_name", "score", "rank", "shard", "row", "png", "scale",
            "rel", "given"]
 #: Names in DIR that belong to a run (a DIR holding any of them without a marker is refused).
-OWNED = (INDEX, FAILED, MARKER, SHARDS, PNG)
+OWNED = (INDEX, FAILED, MARKER, SHARDS, PNG, PIXEL_CLASSES)
 #: ``map_dtype`` values: how the maps are stored.
 MAP_DTYPES = {"float16": np.float16, "float32": np.float32}
 _RUN_ID = re.compile(r"[0-9a-f]{12}")
