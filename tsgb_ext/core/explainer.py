@@ -274,14 +274,15 @@ class TSGB:
     def _explain_factorised(self, x, select):
         """Maps by the factorised backward, or None (then the batched backward runs)."""
         in_block = self._conversion is not None
-        plan = self._factor_plan if in_block else self._plan()
-        if plan is None:
+        if not self._has_plan(in_block):
             return None
         self._degenerate_check(x, select)
         backend = self._backend_for(x.device)
         try:
-            with tf32_off(x.is_cuda and not self.allow_tf32), self._factor_hold(in_block), \
-                    self._memory(backend, x, self._conversion if in_block else None):
+            with tf32_off(x.is_cuda and not self.allow_tf32), \
+                    self._factor_hold(in_block) as plan, self._memory(backend, x, not in_block):
+                if plan is None:
+                    return None
                 maps, tgt, logits, clf = factor.explain(plan, x.detach(), select,
                                                         self.classifier)
         except factor.NotFactorisable as exc:
@@ -292,6 +293,12 @@ class TSGB:
         self.last_path = "factorised"
         self.factor_status = "factorised"
         return maps, tgt, logits
+
+    def _has_plan(self, in_block: bool) -> bool:
+        if in_block:
+            return self._factor_plan is not None
+        with self._factor_hold(False) as plan:
+            return plan is not None
 
     def pixel_classes(self, x: torch.Tensor, classes=None, k: int = 1, chunk: int = 64
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -334,13 +341,27 @@ class TSGB:
                 raise ValueError(f"k must be at most the number of classes ({tg.shape[1]}), "
                                  f"got {k}")
             return tg
-        run = self._factor_run(x) if self.factorize is not False else None
-        if run is not None:
-            self.last_path = "factorised"
-            tg = resolve(run.logits.shape[1])
-            for a in range(0, tg.shape[1], chunk):
-                yield tg[:, a:a + chunk], run.maps(tg[:, a:a + chunk])
-            return
+        in_block = self._conversion is not None
+        if (self.factorize is not False and x.dtype in (torch.float32, torch.float64)
+                and self._has_plan(in_block)):
+            self._degenerate_check(x, lambda lg: lg.argmax(1, keepdim=True))
+            backend = self._backend_for(x.device)
+            with tf32_off(x.is_cuda and not self.allow_tf32), \
+                    self._factor_hold(in_block) as plan, self._memory(backend, x, not in_block):
+                try:
+                    run = None if plan is None else factor.Run(plan, x.detach(), self.classifier)
+                    if run is not None:  # the first chunk finds out whether the graph fits
+                        tg = resolve(run.logits.shape[1])
+                        first = (tg[:, :chunk], run.maps(tg[:, :chunk]))
+                except factor.NotFactorisable as exc:
+                    self._not_factorisable(exc, in_block)
+                    run = None
+                if run is not None:
+                    self.last_path = "factorised"
+                    yield first
+                    for a in range(chunk, tg.shape[1], chunk):
+                        yield tg[:, a:a + chunk], run.maps(tg[:, a:a + chunk])
+                    return
         a, total = 0, None
         while total is None or a < total:
             table = {}
@@ -352,21 +373,6 @@ class TSGB:
             total = table["tg"].shape[1]
             yield ids, maps
             a += chunk
-
-    def _factor_run(self, x):
-        """A :class:`factor.Run` of ``x`` (its forward done), or None (no plan, or the graph
-        does not fit); the model stays held while the caller iterates."""
-        in_block = self._conversion is not None
-        plan = self._factor_plan if in_block else self._plan()
-        if plan is None or x.dtype not in (torch.float32, torch.float64):
-            return None
-        self._degenerate_check(x, lambda lg: lg.argmax(1, keepdim=True))
-        try:
-            with self._factor_hold(in_block):
-                return factor.Run(plan, x.detach(), self.classifier)
-        except factor.NotFactorisable as exc:
-            self._not_factorisable(exc, in_block)
-            return None
 
     def _degenerate_check(self, x, select) -> None:
         key = (tuple((id(m), type(m)) for m in self.model.modules()), tuple(x.shape[1:]),
@@ -385,16 +391,19 @@ class TSGB:
 
     @contextlib.contextmanager
     def _factor_hold(self, in_block: bool):
-        """The model held for one factorised call (in eval mode; nothing else changes)."""
+        """The model held for one factorised call (in eval mode; nothing else changes);
+        yields the factorisation plan (None: the model does not fit). The plan is traced (and
+        its cache checked against the module tree) only while the model is held."""
         if in_block:
             with self._call_lock:
-                yield
+                yield self._factor_plan
             return
         with model_lock(self.model).hold(object(), "this call"):
             training = [(m, m.training) for m in self.model.modules()]
-            self.model.eval()
             try:
-                yield
+                plan = self._plan()
+                self.model.eval()
+                yield plan
             finally:
                 for m, t in training:
                     m.training = t
@@ -418,7 +427,7 @@ class TSGB:
         compiled = (self._compiled is not None and conv is self._conversion
                     and conv.classifier is not None and not check)
         forward = self._compiled if compiled else self.model
-        with self._memory(backend, x, conv), torch.enable_grad(), \
+        with self._memory(backend, x, conv is not self._conversion), torch.enable_grad(), \
                 (_keep_saved_buffers() if compiled else contextlib.nullcontext()):
             xin.requires_grad_(True)
             conv.begin_forward()
@@ -458,12 +467,12 @@ class TSGB:
         return sal.to(x.dtype), tgt, logits.detach()
 
     @contextlib.contextmanager
-    def _memory(self, backend, x: torch.Tensor, conv: Optional[Conversion]):
-        """Around one call: its CPU allocations reuse the memory a with-block keeps."""
+    def _memory(self, backend, x: torch.Tensor, per_call: bool):
+        """Around one call: its CPU allocations reuse the memory a with-block keeps
+        (``per_call``: a call outside this explainer's with-block keeps nothing after it)."""
         if not (self.reuse_memory and x.device.type == "cpu" and backends.reuses_memory(backend)):
             yield
             return
-        per_call = conv is not self._conversion
         if per_call:
             backend.memory_hold()
         elif self._memory_held is None:
