@@ -19,17 +19,21 @@ rounding of the summands can do; conv's fixed configurations use ``|ref| + max |
 ``factor`` is 1 except where the kernel rounds one product more than the oracle (the fused
 conv -> BN rule: 4).
 
-Tolerances (``TOL``), for kernels that accumulate in float32 and round once when storing:
-    float64  1e-12  (the float64 kernels: a few ulp, 2^-52 = 2.2e-16, over sums of at most a
-                     few thousand terms)
-    float32  1e-5   (float32 accumulation; fast-math division is <= 2 ulp, 2^-23 = 1.2e-7)
-    float16  2e-3   (one final rounding to float16: u = 2^-11 = 4.9e-4, 4 u)
-    bfloat16 1.6e-2 (one final rounding to bfloat16: u = 2^-8 = 3.9e-3, 4 u)
-The two former harnesses disagreed on float64 (1e-12 vs 1e-10) and bfloat16 (1.6e-2 vs 1e-2);
-the table keeps the tighter float64 and the 4 u of both half types. For float16 / bfloat16 the
-kernels saturate results beyond the dtype's range to its largest finite value, so a reference
-is clamped the same way (``clamp_to``) or, in the property tests, such draws are skipped
-(``assume_representable``).
+Tolerances (``TOL``), for kernels that accumulate in float32 (float64 for float64) and round
+once when storing; u is the dtype's unit roundoff, the bound of one rounding:
+    float64  1e-10  (u = 2^-53 = 1.1e-16: far above what float64 sums of a few thousand terms
+                     can lose; a check of the code path, not of rounding)
+    float32  1e-5   (u = 2^-24 = 6e-8: float32 accumulation over up to ~2700 summands, and
+                     fast-math division of <= 2 ulp)
+    float16  2e-3   (u = 2^-11 = 4.9e-4: one final rounding to float16, 4 u)
+    bfloat16 1.6e-2 (u = 2^-8 = 3.9e-3: one final rounding to bfloat16, 4 u)
+The two former harnesses disagreed on float64 (1e-12 vs 1e-10) and bfloat16 (1.6e-2 vs 1e-2).
+On the CPU every case of both passes the tighter values (float64 also over 400 extra
+hypothesis draws per op), but their CUDA halves could not be rerun with them, so the table
+keeps the values every former case has passed on every device: the looser of each. For
+float16 / bfloat16 the kernels saturate results beyond the dtype's range to its largest finite
+value, so a reference is clamped the same way (``clamp_to``) or, in the property tests, such
+draws are skipped (``assume_representable``).
 
 Layouts (``LAYOUTS``): contiguous, channels_last, strided (a non-contiguous view, W innermost
 with stride 2 and an odd storage offset) and sliced_channels_last (a channels_last buffer,
@@ -60,7 +64,7 @@ ops = torch.ops.tsgb_ext
 EPS = 1e-10
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LAYOUTS = ["contiguous", "channels_last", "strided", "sliced_channels_last"]
 FORMATS = ["contiguous", "channels_last", "sliced_channels_last"]
 EXAMPLES = {torch.float64: 20, torch.float32: 25, torch.float16: 8, torch.bfloat16: 8}
