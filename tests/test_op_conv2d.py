@@ -263,6 +263,7 @@ def test_conv2d_backward_bad_input(device):
     x = torch.randn(2, 3, 5, 5, device=device)
     y = torch.randn(2, 4, 5, 5, device=device)
     g = torch.randn(2, 4, 5, 5, device=device)
+    g6 = torch.randn(2, 6, 5, 5, device=device)  # grad and y with 6 channels
     cases = [
         (lambda: _conv(g[0], x, y), r"conv2d_backward: grad must be 4-D"),
         (lambda: _conv(g, x[0], y), r"conv2d_backward: x must be 4-D"),
@@ -274,6 +275,8 @@ def test_conv2d_backward_bad_input(device):
         (lambda: _conv(torch.cat([g, g[:1]]), x, y),
          r"conv2d_backward: grad batch must be a positive multiple of x's batch 2"),
         (lambda: _conv(g, x, y, G=2), r"conv2d_backward: x's channels \(3\) must be divisible by groups"),
+        (lambda: _conv(g6, x.repeat(1, 2, 1, 1)[:, :4], g6, G=4),
+         r"conv2d_backward: y's channels \(6\) must be divisible by groups"),
         (lambda: _conv(g[:, :, :4], x, y), r"conv2d_backward: grad must have (y's )?shape"),
         (lambda: _conv(g, x, y[:, :, :4]), r"conv2d_backward: y must have shape"),
         (lambda: _conv(g, x, y, k=[3]), r"conv2d_backward: kernel_size must have 2 elements"),
