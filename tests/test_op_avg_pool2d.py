@@ -170,11 +170,8 @@ def test_avg_pool2d_backward_bad_input(device):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck_avg_pool2d_backward(device, fmt):
-    xa = layout(torch.randn(2, 4, 9, 7, device=device).abs() + 0.5, fmt)
-    yp = F.avg_pool2d(xa, 3, 2, 1, True, False)
-    g = layout(torch.randn(2, *yp.shape[1:], device=device), fmt)
-    opcheck(ops.avg_pool2d_backward.default, (g, xa, yp, [3, 3], [2, 2], [1, 1], True, False,
-                                              None, EPS))
+    cfg = (2, 1, 4, 9, 7, (3, 3), (2, 2), (1, 1), True, False, None)
+    opcheck(ops.avg_pool2d_backward.default, sample_inputs(cfg, device, torch.float32, fmt))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import tsgb_ext
 from conftest import require_native
-from op_harness import DTYPES, LAYOUTS, bits_equal, expected_format, gen_of, layout, ops
+from op_harness import (DTYPES, FORMATS, LAYOUTS, bits_equal, expected_format, gen_of, layout,
+                        opcheck, ops)
 
 require_native()
 
@@ -80,6 +81,16 @@ def test_max_pool2d_equals_torch(device, idx, dtype, lay):
     # through the op's autograd
     (gx_op,) = torch.autograd.grad(ops.max_pool2d(xr, *args), xr, g)
     assert bits_equal(gx_op, gx_want)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck_max_pool2d(device, fmt):
+    """Both ops (schema, fake kernel, autograd registration, AOT dispatch); seed 1: no NaN
+    (opcheck's comparisons take NaN != NaN)."""
+    (x, *args), _ = sample_inputs(MAX_POOL_CFGS[0], device, torch.float32, fmt, seed=1)
+    opcheck(ops.max_pool2d.default, (x.detach().requires_grad_(True), *args))
+    y = ops.max_pool2d(x, *args)
+    opcheck(ops.max_pool2d_backward.default, (torch.randn_like(y), x, y, *args))
 
 
 def test_max_pool2d_bad_input(device):
