@@ -212,11 +212,6 @@ def cuda_only(device, why="CUDA-only (graph capture)"):
         pytest.skip(why)
 
 
-def cpu_only(device):
-    if device != "cpu":
-        pytest.skip("CPU kernels")
-
-
 def capture(fn, warmup=1):
     """fn() run `warmup` times on a side stream, then captured in a CUDA graph: (graph, the
     graph's static outputs)."""
