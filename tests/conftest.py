@@ -17,6 +17,38 @@ REQUIRE_NATIVE = os.environ.get("TSGB_REQUIRE_NATIVE", "0") == "1"
 tests instead of skipping them (a green run must have tested the compiled ops)."""
 
 
+def _native_missing(op_names=()):
+    """Why the compiled ops cannot be tested here (None when they can)."""
+    if not tsgb_ext.native_available():
+        return f"tsgb_ext._C (the compiled ops) is not available: {tsgb_ext.backend_info()['native_error']}"
+    missing = [n for n in op_names if not hasattr(torch.ops.tsgb_ext, n)]
+    return f"tsgb_ext._C was built without {', '.join(missing)}" if missing else None
+
+
+def require_native(*op_names):
+    """Called at module level by every test file of the compiled ops: a missing tsgb_ext._C (or
+    one without the named ops) skips the whole module, or fails it when TSGB_REQUIRE_NATIVE=1."""
+    why = _native_missing(op_names)
+    if why is None:
+        return
+    if REQUIRE_NATIVE:
+        pytest.fail(f"TSGB_REQUIRE_NATIVE=1: {why}", pytrace=False)
+    pytest.skip(why, allow_module_level=True)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The device of an op test (tests/test_op_*.py), once per device present. On CUDA the
+    extension must have its CUDA kernels, and float32 matmuls run without TF32 (the tolerances
+    of tests/op_harness.py are for IEEE float32 arithmetic). A test that parametrises
+    ``device`` itself (``parametrize("device", DEVICES)``) does not use this fixture."""
+    if request.param == "cuda":
+        if not torch.ops.tsgb_ext.built_with_cuda():
+            pytest.fail("tsgb_ext was built without CUDA kernels (rebuild with FORCE_CUDA=1)")
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return request.param
+
+
 def native_skip_mark():
     """skipif for tests of the compiled ops: never skips when TSGB_REQUIRE_NATIVE=1."""
     return pytest.mark.skipif(not tsgb_ext.native_available() and not REQUIRE_NATIVE,

@@ -104,6 +104,25 @@ def bn_scale_shift(running_mean, running_var, weight, bias, module_eps):
     return scale, shift
 
 
+ACT_MASK = {0: lambda yb: torch.ones_like(yb, dtype=torch.bool), 1: lambda yb: yb > 0,
+            2: lambda yb: (yb > 0) & (yb < 6)}
+"""Where the activation of a fused conv -> BN -> activation block passes its gradient: 0 none,
+1 ReLU, 2 ReLU6 (the ``act`` codes of tsgb_ext's conv2d_bn ops)."""
+
+
+def conv_bn_act_rule(g, x, y, scale, shift, act, kernel_size, stride, padding, dilation, groups,
+                     eps=EPS):
+    """The fused conv -> eval BN (y * scale + shift) -> activation rule as the three unfused
+    rules in float64: the activation's gradient, the BN rule (divisor y + 1e-10; the BN's own
+    eps is inside scale), the conv rule. The activation's mask tests the BN output rounded to
+    y's dtype, as the forward stored it; the BN rule takes the unrounded value."""
+    y64 = y.double()
+    yb = y64 * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    ga = g.double() * _tile(ACT_MASK[act](yb.to(y.dtype).double()), g.shape[0])
+    return conv_rule(bn_rule(ga, y64, yb), x, y, kernel_size, stride, padding, dilation, groups,
+                     eps)
+
+
 def avgpool_rule(g, x, y, kernel_size, stride, padding, ceil_mode, count_include_pad,
                  divisor_override, eps=EPS):
     g, x, y = _c(g, x, y)

@@ -6,7 +6,6 @@ conversion where tracing is not safe (hooks, untraceable forwards), and must lea
 exactly as it was.
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -14,11 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tsgb_ext
-from conftest import DEVICES, assert_same, snapshot
+from conftest import DEVICES, assert_same, require_native, snapshot
 
-if (not tsgb_ext.native_available() or not hasattr(torch.ops.tsgb_ext, "conv2d_bn_act")) \
-        and os.environ.get("TSGB_REQUIRE_NATIVE", "0") != "1":
-    pytest.skip("needs the compiled ops with conv2d_bn_act", allow_module_level=True)
+require_native("conv2d_bn_act")
 
 
 def _randomise_bn(model):

@@ -6,7 +6,7 @@
 // VGG16's first pool (64 x 224 x 224), with or without grad. These kernels take the window
 // taps as whole rows (compiled per instruction set, cpu_isa.h), and the backward scans each
 // window once more for the tap torch's forward chose. Outputs and gradients are the same
-// values torch's kernels give (csrc/cpu/max_pool2d_impl.h; tests/test_op_kernels.py compares
+// values torch's kernels give (csrc/cpu/max_pool2d_impl.h; tests/test_op_max_pool2d.py compares
 // them bit for bit, NaN, -inf and +-0 ties included).
 #define TSGB_ISA_SUFFIX _default
 #include "cpu/max_pool2d_impl.h"
