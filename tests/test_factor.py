@@ -230,3 +230,39 @@ def test_pixel_classes_bad_arguments():
         ex.pixel_classes(x, classes=[1.0])
     with pytest.raises(ValueError, match="classes must be None"):
         ex.pixel_classes(x, classes=torch.zeros(2, 2, dtype=torch.long))
+
+
+class VggHead(nn.Module):
+    """VGG's shape: conv -> ReLU -> 2x2 max pool -> flatten -> Linear -> ReLU -> Dropout ->
+    Linear -> ReLU -> classifier. From T = LAZY_LINEAR_MIN_T targets on, the Linear layers'
+    input gradients stay u @ W and the conv contracts u @ J (never T x C x H x W there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.pool_out = nn.AdaptiveAvgPool2d((5, 5))
+        self.head = nn.Sequential(nn.Linear(125, 40), nn.ReLU(inplace=True), nn.Dropout(),
+                                  nn.Linear(40, 30), nn.ReLU(inplace=True), nn.Dropout(),
+                                  nn.Linear(30, 10))
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.conv2(torch.relu(self.conv(x)))))
+        return self.head(torch.flatten(self.pool_out(y), 1))
+
+
+@pytest.mark.parametrize("T", [3, 12])
+def test_lazy_linear_through_a_vgg_head(T):
+    torch.manual_seed(0)
+    m = VggHead().double().eval()
+    x = torch.randn(3, 3, 10, 11, dtype=torch.float64)  # pool: 5x5 (odd width floors)
+    tgt = random_targets(3, T, 10, seed=T)
+    ex = tsgb_ext.TSGB(m)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised"
+    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
+    paths = ex.report().paths
+    lazy = T >= tsgb_ext.core.factor.LAZY_LINEAR_MIN_T
+    assert (paths["pool"] == "lazy linear") == lazy
+    assert (paths["head.0"] == "lazy linear") == lazy

@@ -73,11 +73,15 @@ class Rep:
     target-independent factor not yet multiplied in (BN and activation factors wait for the
     conv below, which folds them into its contraction once for all terms)."""
 
-    __slots__ = ("dense", "sp", "ch", "onehot", "pend")
+    __slots__ = ("dense", "sp", "ch", "onehot", "pend", "lin")
 
-    def __init__(self, dense=None, sp=(), ch=(), onehot=None, pend=None):
+    def __init__(self, dense=None, sp=(), ch=(), onehot=None, pend=None, lin=None):
         self.dense, self.sp, self.ch, self.onehot = dense, list(sp), list(ch), onehot
         self.pend = pend
+        #: a Linear layer's input gradient kept as ``u @ W`` (alone in its Rep): (u (N, T, F),
+        #: W (F, *shape) viewed as this node's shape, pool: None or a max pool's routing to
+        #: apply after it); a conv below contracts it as u @ J, J target-independent
+        self.lin = lin
 
     @property
     def terms(self) -> int:
@@ -92,6 +96,8 @@ class Rep:
 
     def materialise(self) -> torch.Tensor:
         assert self.pend is None
+        if self.lin is not None:
+            return _lin_dense(self.lin)
         out = self.dense
         for A, b in self.sp + self.ch:
             term = b if A is None else A.unsqueeze(1) * b
@@ -352,15 +358,19 @@ class _Backward:
     def scale(self, rep: Rep, f) -> Rep:
         """Every term times the target-independent factor ``f`` (N, C, H, W), lazily: the
         factor waits in ``pend`` (a mask that every term already carries is a no-op)."""
-        if (rep.pend is None and rep.dense is None and id(f) in self.idem
+        if (rep.pend is None and rep.dense is None and rep.lin is None and id(f) in self.idem
                 and all(A is f for A, _ in rep.sp + rep.ch)):
             return rep
         pend = f if rep.pend is None else self._mul(rep.pend, f)
-        return Rep(rep.dense, rep.sp, rep.ch, rep.onehot, pend)
+        return Rep(rep.dense, rep.sp, rep.ch, rep.onehot, pend, rep.lin)
 
     def resolve(self, rep: Rep) -> Rep:
-        """``rep`` with its pending factor multiplied into every term."""
+        """``rep`` with its pending factor multiplied into every term (and a lazy linear
+        gradient materialised)."""
         f = rep.pend
+        if rep.lin is not None:
+            dense = _lin_dense(rep.lin)
+            return Rep(dense if f is None else dense * f.unsqueeze(1))
         if f is None:
             return rep
         dense = None if rep.dense is None else rep.dense * f.unsqueeze(1)
@@ -371,6 +381,8 @@ class _Backward:
         if not isinstance(node, fx.Node) or not self.active(node):
             return
         old = self.grads.get(node)
+        if old is not None and (old.lin is not None or rep.lin is not None):
+            old, rep = self.resolve(old).densify(), self.resolve(rep).densify()
         if old is not None and old.pend is not rep.pend:
             old, rep = self.resolve(old), self.resolve(rep)
         if rep.terms + (old.terms if old is not None else 0) > self.max_terms:
@@ -480,6 +492,60 @@ def _batched_grad(out, inputs, G):
 
 
 # ---- per-op rules ----------------------------------------------------------------------------
+def _lin_dense(lin) -> torch.Tensor:
+    """The gradient a lazy linear term stands for, (N, T, *shape)."""
+    u, W, pool = lin
+    N, T = u.shape[:2]
+    G = (u.reshape(N * T, -1) @ W.reshape(W.shape[0], -1)).view((N, T) + tuple(W.shape[1:]))
+    if pool is None:
+        return G
+    flat_idx, (C, H, Wd), _ = pool
+    out = G.new_zeros(N, T, C, H * Wd)
+    out.scatter_add_(3, flat_idx.unsqueeze(1).expand(N, T, C, -1), G.flatten(3))
+    return out.view(N, T, C, H, Wd)
+
+
+def _lin_contract(lin, y: torch.Tensor) -> torch.Tensor:
+    """s[n, t, o] = sum_k G[n, t, k, o] y[n, k, o] for G = (u @ W), max-pool routed when
+    ``pool``: s = u @ J with J[n, f, o] = sum_k W[f, k, o] y[n, k, o] (routed: the W of o's
+    window where o is its argmax), target-independent; never the (N, T, K, H, W) gradient."""
+    u, W, pool = lin
+    N, T, F_ = u.shape
+    K = y.shape[1]
+    if pool is None:
+        J = torch.einsum("fkp,nkp->nfp", W.reshape(F_, K, -1), y.reshape(N, K, -1))
+        return torch.bmm(u, J).view((N, T) + tuple(y.shape[2:]))
+    flat_idx, (C, H, Wd), geom = pool
+    Hp, Wp = W.shape[2:]
+    pos, valid = _window_positions(geom, (Hp, Wp), (H, Wd), y.device)  # (P, D)
+    P, D = pos.shape
+    yf = y.reshape(N, K, H * Wd)
+    yg = yf.gather(2, pos.clamp_min(0).reshape(1, 1, -1).expand(N, K, -1)).view(N, K, P, D)
+    hit = (flat_idx.unsqueeze(-1) == pos.view(1, 1, P, D)) & valid.view(1, 1, P, D)
+    M = (yg * hit).permute(2, 1, 0, 3).reshape(P, K, N * D)        # (P, K, N*D)
+    Wpk = W.reshape(F_, K, P).permute(2, 0, 1)                      # (P, F, K), a view
+    J = torch.bmm(Wpk, M).view(P, F_, N, D).permute(2, 0, 1, 3)     # (N, P, F, D)
+    s_pd = torch.einsum("ntf,npfd->ntpd", u, J).reshape(N, T, P * D)
+    s = y.new_zeros(N, T, H * Wd)
+    s.scatter_add_(2, pos.clamp_min(0).reshape(1, 1, -1).expand(N, T, -1),
+                   s_pd * valid.reshape(1, 1, -1))
+    return s.view(N, T, H, Wd)
+
+
+def _window_positions(geom, out_size, size, device):
+    """Flat input position of each (window, offset) of a pool and whether it is inside."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geom
+    oy = torch.arange(out_size[0], device=device).view(-1, 1, 1, 1) * sh - ph
+    ox = torch.arange(out_size[1], device=device).view(1, -1, 1, 1) * sw - pw
+    dy = torch.arange(kh, device=device).view(1, 1, -1, 1) * dh
+    dx = torch.arange(kw, device=device).view(1, 1, 1, -1) * dw
+    iy, ix = oy + dy, ox + dx
+    valid = (iy >= 0) & (iy < size[0]) & (ix >= 0) & (ix < size[1])
+    pos = torch.where(valid, iy * size[1] + ix, torch.full_like(iy * ix, -1))
+    P = out_size[0] * out_size[1]
+    return pos.reshape(P, kh * kw), valid.reshape(P, kh * kw)
+
+
 def _csum(t: torch.Tensor) -> torch.Tensor:
     """sum over channels, (N, C, H, W) -> (N, 1, H, W), as a matrix-vector product (a strided
     reduction over dim 1 is ~100x slower on the CPU)."""
@@ -490,6 +556,8 @@ def _csum(t: torch.Tensor) -> torch.Tensor:
 
 def _contract(rep: Rep, y: torch.Tensor) -> torch.Tensor:
     """s[n, t, o] = sum_k g[n, t, k, o] * y[n, k, o], term by term."""
+    if rep.lin is not None:
+        return _lin_contract(rep.lin, y)
     s = None
     for A, b in rep.sp:
         q = _csum(y if A is None else A * y)
@@ -630,6 +698,13 @@ def _maxpool(w: _Backward, node, m: nn.MaxPool2d, rep: Rep):
     geom = (_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding),
             _pair(m.dilation))
     flat_idx = idx.flatten(2)
+    if (rep.lin is not None and rep.lin[2] is None and rep.pend is None
+            and not _overlaps(geom)):
+        u, Wt, _ = rep.lin
+        w.mark(node, "lazy linear")
+        w.send(node.args[0], Rep(lin=(u, Wt, (flat_idx, (C, H, W), geom))))
+        return
+    rep = w.resolve(rep)
 
     def unpool(A):  # A at each window's argmax (target-independent)
         src = x.new_ones(idx.shape) if A is None else A
@@ -705,13 +780,13 @@ def _adaptive(w, node, rep, size):
     if x.dim() != 4:
         return False
     if tuple(y.shape[2:]) == (1, 1):
-        w.send(node.args[0], _gap_rep(w, node, rep, node.args[0]))
+        w.send(node.args[0], _gap_rep(w, node, w.resolve(rep), node.args[0]))
         return None
     if tuple(y.shape[2:]) == tuple(x.shape[2:]):
         w.mark(node, "pass")
         w.send(node.args[0], rep)
         return None
-    return False
+    return False  # step's fallback (autograd) resolves the rep
 
 
 def _mean(w, node, rep):
@@ -733,7 +808,12 @@ def _reshape(w, node, rep):
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or y.dim() == 0 \
             or x.shape[0] != y.shape[0]:
         return False
-    G = rep.materialise()
+    if rep.lin is not None and rep.lin[2] is None and rep.pend is None:
+        u, W, _ = rep.lin
+        w.mark(node, "pass")
+        w.send(src, Rep(lin=(u, W.reshape((W.shape[0],) + tuple(x.shape[1:])), None)))
+        return None
+    G = w.resolve(rep).materialise()
     w.mark(node, "pass")
     w.send(src, Rep(G.reshape(G.shape[:2] + x.shape[1:]), onehot=rep.onehot
                     if x.shape == y.shape else None))
@@ -781,8 +861,13 @@ def _linear(w: _Backward, node, m: nn.Linear, rep: Rep):
         return
     if x.dim() != 2:
         return False
+    G = rep.materialise()
+    if G.shape[1] >= LAZY_LINEAR_MIN_T:
+        w.mark(node, "lazy linear")
+        w.send(node.args[0], Rep(lin=(G, m.weight, None)))
+        return
     w.mark(node, "dense")
-    w.send(node.args[0], Rep(rep.materialise() @ m.weight))
+    w.send(node.args[0], Rep(G @ m.weight))
 
 
 def _fc_rule(rep: Rep, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -828,7 +913,11 @@ _FUNCTION_RULES = {operator.add: _add, operator.iadd: _add, torch.add: _add, tor
                    torch.mean: _mean, F.dropout: _dropout_fn}
 #: handlers that take a Rep with a pending factor (the rest get it multiplied in first)
 _LAZY = {_bn, _relu_module, _relu_fn, _relu6_fn, _hardtanh_fn, _add, _identity_module,
-         _dropout_fn, _conv}
+         _dropout_fn, _conv, _maxpool, _reshape, _flatten_module, _adaptive_module,
+         _adaptive_fn}
+#: a non-classifier Linear's input gradient is kept as u @ W from this many targets on (the
+#: conv below then contracts u @ J: J costs about 4 single-target Linear backwards)
+LAZY_LINEAR_MIN_T = 8
 _METHOD_RULES = {"add": _add, "add_": _add, "relu": _relu_fn, "relu_": _relu_fn,
                  "flatten": _reshape, "view": _reshape, "reshape": _reshape, "mean": _mean}
 
