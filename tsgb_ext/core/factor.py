@@ -138,17 +138,37 @@ def _place(P: torch.Tensor, delta, geom, size) -> torch.Tensor:
 
 def _spread(P: torch.Tensor, geom, size) -> torch.Tensor:
     """The transposed box sum: every output position's value added to each input position of
-    its window (the sum of ``_place`` over the window offsets, accumulated in one buffer)."""
+    its window. The window is a box, so this is separable: one 1-D pass along the rows, then
+    one along the columns (kh + kw strided adds, not kh * kw)."""
     k, s, p, d = geom
     if k == (1, 1) and p == (0, 0):
         if s == (1, 1) and tuple(P.shape[-2:]) == tuple(size):
             return P
         return _place(P, (0, 0), geom, size)
-    out = P.new_zeros(P.shape[:-2] + tuple(size))
-    for dl in _offsets(k):
-        sl = _slices(P.shape[-2:], dl, geom, size)
-        if sl is not None:
-            out[..., sl[2], sl[3]] += P[..., sl[0], sl[1]]
+    out = P
+    for dim in range(2):
+        out = _spread1(out, P.dim() - 2 + dim, k[dim], s[dim], p[dim], d[dim], size[dim])
+    return out
+
+
+def _spread1(P: torch.Tensor, axis: int, k: int, s: int, p: int, d: int, n_in: int):
+    """The transposed 1-D box sum of ``P`` along ``axis`` (window k, stride s, padding p,
+    dilation d) onto ``n_in`` input positions."""
+    n_out = P.shape[axis]
+    if k == 1 and s == 1 and p == 0 and n_out == n_in:
+        return P
+    shape = list(P.shape)
+    shape[axis] = n_in
+    out = P.new_zeros(shape)
+    idx = [slice(None)] * P.dim()
+    for j in range(k):
+        off = j * d - p
+        lo = max(0, -(off // s))  # ceil(-off / s)
+        hi = min(n_out - 1, (n_in - 1 - off) // s)
+        if hi < lo:
+            continue
+        idx[axis] = slice(lo * s + off, hi * s + off + 1, s)
+        out[tuple(idx)] += P.narrow(axis, lo, hi - lo + 1)
     return out
 
 
