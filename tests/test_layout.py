@@ -147,3 +147,43 @@ def test_the_map_reader_and_store_are_library_code_not_cli():
         assert obj.__module__.startswith("tsgb_ext.io."), obj
         assert not obj.__module__.startswith("tsgb_ext.cli"), obj
     assert "tsgb_ext.cli._store" not in MODULES
+
+
+CAPABILITIES = ("supports_fusion", "supports_conv_relu", "supports_max_pool", "reuses_memory")
+HOOKS_PKG = os.path.join(os.path.dirname(ROOT), "python", "tsgb_hooks")
+
+
+def _sources():
+    """(name, path) of every module of tsgb_ext and tsgb_hooks."""
+    out = sorted(MODULES.items())
+    for f in sorted(os.listdir(HOOKS_PKG)):
+        if f.endswith(".py"):
+            out.append((f"tsgb_hooks.{f[:-3]}", os.path.join(HOOKS_PKG, f)))
+    return out
+
+
+def test_capabilities_are_declared_not_probed():
+    """A backend's optional ops are read as properties of its class (tsgb_hooks.Backend), never
+    probed with getattr / hasattr."""
+    bad = []
+    for mod, path in _sources():
+        for n in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                    and n.func.id in ("getattr", "hasattr") and len(n.args) >= 2
+                    and isinstance(n.args[1], ast.Constant) and n.args[1].value in CAPABILITIES):
+                bad.append(f"{mod}:{n.lineno} {n.func.id}(..., {n.args[1].value!r})")
+    assert not bad, "\n".join(bad)
+
+
+def test_both_backends_declare_every_capability_on_one_base_class():
+    import tsgb_hooks
+    from tsgb_hooks.backend import Backend
+    from tsgb_ext.core import backend
+    assert isinstance(backend.HOOKS, Backend) and backend.HOOKS is tsgb_hooks.BACKEND
+    for cap in CAPABILITIES:
+        assert isinstance(getattr(Backend, cap), property), cap
+        assert getattr(backend.HOOKS, cap) is False, cap
+    if backend.native_available():
+        native = backend.native_backend()
+        assert isinstance(native, Backend)
+        assert all(getattr(native, cap) is True for cap in CAPABILITIES)

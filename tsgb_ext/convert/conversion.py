@@ -275,7 +275,7 @@ class Conversion:
         conv = self
 
         def fused() -> bool:
-            return getattr(conv.backend, "supports_conv_relu", False)
+            return conv.backend.supports_conv_relu
 
         def forward(x):
             x, padding = conv_args(x, m.weight, m.padding, m.dilation)
@@ -325,7 +325,7 @@ class Conversion:
 
         def forward(x):
             b = conv.backend
-            if not getattr(b, "supports_max_pool", False):
+            if not b.supports_max_pool:
                 return nn.MaxPool2d.forward(m, x)
             return b.max_pool2d(x, pair(m.kernel_size), pair(m.stride), pair(m.padding),
                                 pair(m.dilation), m.ceil_mode)

@@ -224,7 +224,7 @@ class TSGB:
                                      forward_args, per_element)
             # a conversion for this call only, holding the model (other threads wait)
             with model_lock(self.model).hold(object(), "this call"):
-                fusion = self._fusion_cache if backends.supports_fusion(backend) else None
+                fusion = self._fusion_cache if backend.supports_fusion else None
                 with Conversion(self.model, backend, self.classifier, self._names, fusion,
                                 self._warned) as conv:
                     return self._run(conv, backend, x, select, amp_dtype, forward_args,
@@ -291,7 +291,7 @@ class TSGB:
     @contextlib.contextmanager
     def _memory(self, backend, x: torch.Tensor, conv: Conversion):
         """Around one call: its CPU allocations reuse the memory a with-block keeps."""
-        if not (self.reuse_memory and x.device.type == "cpu" and backends.reuses_memory(backend)):
+        if not (self.reuse_memory and x.device.type == "cpu" and backend.reuses_memory):
             yield
             return
         per_call = conv is not self._conversion
