@@ -153,7 +153,7 @@ setup(
                  "timm>=1.0", "safetensors>=0.4", "captum>=0.7"],
         # timm models (tsgb explain --model timm:NAME) and .safetensors weights
         "timm": ["timm>=1.0", "safetensors>=0.4"],
-        # tsgb_ext.captum.TSGB, a captum.attr.GradientAttribution
+        # tsgb_ext.evaluation.captum.TSGBAttribution, a captum.attr.GradientAttribution
         "captum": ["captum>=0.7"],
     },
     ext_modules=ext_modules,

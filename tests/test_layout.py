@@ -187,3 +187,73 @@ def test_both_backends_declare_every_capability_on_one_base_class():
         native = backend.native_backend()
         assert isinstance(native, Backend)
         assert all(getattr(native, cap) is True for cap in CAPABILITIES)
+
+
+def test_one_import_path_per_module():
+    """No import hook gives a module a second name: the package has no meta-path finder, and
+    the only other spellings are the deprecated flat modules of MOVED, each a module that
+    warns (DeprecationWarning) and hands on the module itself."""
+    import importlib
+    import sys
+    import warnings
+
+    import tsgb_ext
+    src = open(MODULES[PKG], encoding="utf-8").read()
+    assert "meta_path" not in src and "MetaPathFinder" not in src
+    assert not [f for f in sys.meta_path if type(f).__module__.startswith(PKG)]
+    shims = {m.rpartition(".")[2] for m in MODULES if m.count(".") == 1
+             and "alias(__name__" in open(MODULES[m], encoding="utf-8").read()}
+    assert shims == set(tsgb_ext.MOVED)
+    for old, new in tsgb_ext.MOVED.items():
+        if old == "captum" and importlib.util.find_spec("captum") is None:
+            continue
+        sys.modules.pop(f"{PKG}.{old}", None)
+        tsgb_ext.__dict__.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+            mod = importlib.import_module(f"{PKG}.{old}")
+        assert mod is importlib.import_module(new)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert importlib.import_module(new).__name__ == new  # the new spelling is quiet
+
+
+def test_the_docs_teach_only_the_new_spellings():
+    import re
+
+    import tsgb_ext
+    root = os.path.dirname(ROOT)
+    docs = [os.path.join(root, "README.md")] + [
+        os.path.join(root, "docs", f) for f in sorted(os.listdir(os.path.join(root, "docs")))
+        if f.endswith(".md")]
+    flat = "|".join(tsgb_ext.MOVED)
+    pattern = re.compile(rf"tsgb_ext\.({flat})\b|from tsgb_ext import [\w, ]*\b({flat})\b")
+    bad = []
+    for path in docs + [p for _, p in sorted(MODULES.items())]:
+        for i, line in enumerate(open(path, encoding="utf-8"), 1):
+            if pattern.search(line) and "deprecated" not in line.lower():
+                bad.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
+    # the shims name themselves in their one docstring line
+    bad = [b for b in bad if not b.startswith(tuple(f"tsgb_ext/{m}.py" for m in tsgb_ext.MOVED))]
+    assert not bad, "\n".join(bad)
+
+
+def test_names_are_not_used_twice_for_different_things():
+    from tsgb_ext.cli import _common, demo, explain
+    from tsgb_ext.core import backend
+    from tsgb_ext.evaluation import benchmarks
+    assert _common.BACKENDS is backend.BACKENDS
+    assert not hasattr(benchmarks, "list_images") or benchmarks.list_images.__module__ == \
+        "tsgb_ext.io.images"
+    for mod in (demo, explain):  # one integer-argument parser, in _common
+        src = open(mod.__file__, encoding="utf-8").read()
+        assert "def _int_at_least" not in src and "def _positive_top_k" not in src
+        assert "ArgumentTypeError(f\"must be an integer" not in src
+
+
+@pytest.mark.parametrize("mod", sorted(MODULES))
+def test_no_function_longer_than_80_lines(mod):
+    tree = ast.parse(open(MODULES[mod], encoding="utf-8").read())
+    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > 80]
+    assert not long, f"{mod}: " + ", ".join(long)

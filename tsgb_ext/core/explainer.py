@@ -18,11 +18,6 @@ from .inputs import (TargetLike, check_call, compile_options, deferred_checks, f
 from .modellock import model_lock
 
 
-def native_available(device=None) -> bool:
-    """True when the compiled ops are loaded and usable (for ``device``, when given)."""
-    return backends.native_available(device)
-
-
 class TSGB:
     """Target-Selective Gradient Backprop saliency for a CNN classifier.
 

@@ -1,6 +1,6 @@
 """TSGB over whole collections: image files in, batches of maps out (they stay on the device).
 
-    from tsgb_ext import pipeline
+    from tsgb_ext.data import models, pipeline
     loaded = models.load_model("efficientnet-lite0", device="cuda")
     ds = pipeline.ImageFileDataset(pipeline.list_images(["photos/"]), loaded.size)
     dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=4,
