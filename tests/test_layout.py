@@ -257,3 +257,39 @@ def test_no_function_longer_than_80_lines(mod):
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             and n.end_lineno - n.lineno + 1 > 80]
     assert not long, f"{mod}: " + ", ".join(long)
+
+
+def test_private_methods_are_called_only_inside_their_module():
+    """The Captum adapter (and every other module) uses the explainer's public methods:
+    ``relevance`` for per-element relevance, not ``TSGB._explain``."""
+    bad = []
+    for mod, path in sorted(MODULES.items()):
+        if mod == "tsgb_ext.core.explainer":
+            continue
+        for n in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if (isinstance(n, ast.Attribute) and n.attr in ("_explain", "_run")
+                    and not (isinstance(n.value, ast.Name) and n.value.id == "self")):
+                bad.append(f"{mod}:{n.lineno} .{n.attr}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_captum_adapter_is_the_public_relevance():
+    import inspect
+
+    import torch
+
+    import tsgb_ext
+    captum = pytest.importorskip("tsgb_ext.evaluation.captum")
+    assert "explainer.relevance(" in inspect.getsource(captum.TSGBAttribution.attribute)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 5)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ex = tsgb_ext.TSGB(net, backend="hooks")
+    rel = ex.relevance(x, [1, 3])
+    assert rel.shape == x.shape
+    torch.testing.assert_close(rel.sum(1, keepdim=True), ex.attribute(x, [1, 3]))
+    torch.testing.assert_close(ex.relevance(x, lambda logits: logits.argmax(1, keepdim=True)),
+                               ex.relevance(x))
+    with pytest.raises(ValueError, match="one class per sample"):
+        ex.relevance(x, torch.zeros(2, 2, dtype=torch.long))

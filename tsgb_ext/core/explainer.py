@@ -172,20 +172,7 @@ class TSGB:
             self.last_backend = self._backend_for(x.device).name
             t = tgt.shape[1] if tgt is not None else 1
             return x.new_zeros((0, t) + tuple(x.shape[2:]))
-
-        # the largest class id is read here from a CPU target; a CUDA target's values are
-        # checked at the end of the call (deferred_checks): no host read before the forward
-        tmax = int(tgt.max()) if tgt is not None and tgt.numel() and not tgt.is_cuda else -1
-        if tgt is not None:
-            tgt = tgt.to(x.device, non_blocking=True)
-
-        def select(logits: torch.Tensor) -> torch.Tensor:
-            if tgt is None:
-                return logits.argmax(1, keepdim=True)
-            k = logits.shape[1]
-            if tmax >= k:
-                raise IndexError(f"target must be class indices in [0, {k}), got {tmax}")
-            return tgt
+        select = _selector(tgt, x.device)
         return self._explain(x, select, None)[0]
 
     __call__ = attribute
@@ -201,6 +188,34 @@ class TSGB:
         """
         check_call(x)
         return self._explain(x, select, amp_dtype)
+
+    def relevance(self, x: torch.Tensor,
+                  target: Union[TargetLike, Callable[[torch.Tensor], torch.Tensor]] = None,
+                  forward_args: tuple = ()) -> torch.Tensor:
+        """Per-element relevance ``gx * x``, (N, C, H, W) like ``x``: the TSGB map before its
+        sum over channels (``relevance(x, t).sum(1, keepdim=True)`` is ``attribute(x, t)``).
+
+        Args:
+            x: floating (N, C, H, W) tensor on the model's device.
+            target: one class per sample: None (top-1), an int, a sequence or 1-D integer
+                tensor of length N, or a function ``select(logits) -> (N, 1)`` int64 tensor
+                as :meth:`explain` takes.
+            forward_args: further positional arguments of the model's forward, passed after
+                ``x`` (``model(x, *forward_args)``).
+        """
+        check_call(x)
+        if x.shape[0] == 0:
+            self.last_backend = self._backend_for(x.device).name
+            return torch.zeros_like(x)
+        if callable(target):
+            select = target
+        else:
+            tgt = target_tensor(target, x.shape[0], None)
+            if tgt is not None and tgt.shape[1] != 1:
+                raise ValueError(f"relevance takes one class per sample; got a target of "
+                                 f"shape {tuple(tgt.shape)} (attribute takes (N, T))")
+            select = _selector(tgt, x.device)
+        return self._explain(x, select, None, tuple(forward_args), per_element=True)[0]
 
     def _explain(self, x, select, amp_dtype, forward_args=(), per_element=False):
         """``explain`` for an already validated ``x``; the model runs as
@@ -386,6 +401,25 @@ class RuleReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _selector(tgt: Optional[torch.Tensor], device: torch.device
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``select(logits)`` for a validated (N, T) target (None: each sample's top-1 class)."""
+    # the largest class id is read here from a CPU target; a CUDA target's values are
+    # checked at the end of the call (deferred_checks): no host read before the forward
+    tmax = int(tgt.max()) if tgt is not None and tgt.numel() and not tgt.is_cuda else -1
+    if tgt is not None:
+        tgt = tgt.to(device, non_blocking=True)
+
+    def select(logits: torch.Tensor) -> torch.Tensor:
+        if tgt is None:
+            return logits.argmax(1, keepdim=True)
+        k = logits.shape[1]
+        if tmax >= k:
+            raise IndexError(f"target must be class indices in [0, {k}), got {tmax}")
+        return tgt
+    return select
 
 
 def _keep_saved_buffers():

@@ -123,7 +123,7 @@ class TSGBAttribution(GradientAttribution):
                     raise IndexError(f"target must be class indices in [0, "
                                      f"{logits.shape[1]})")
                 return tgt
-            rel = self.explainer._explain(x, select, None, fargs, per_element=True)[0]
+            rel = self.explainer.relevance(x, select, fargs)
         return (rel,) if is_tuple else rel
 
 
