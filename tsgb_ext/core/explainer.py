@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ..convert.conversion import Conversion, degenerate_tolerance
+from ..convert import degenerate
+from ..convert.conversion import Conversion
 from ..convert.fusion import FusedBlock
 from ..convert.layer_map import describe_rules
 from . import backend as backends
@@ -251,8 +251,9 @@ class TSGB:
         # degenerate-layer check: once per model, module tree, input shape and dtype; not in
         # float16/bfloat16 (their rounding is coarser than the cancellation it looks for)
         key = (conv.tree, tuple(x.shape[1:]), x.dtype, amp_dtype, x.device.type)
-        seen = _degenerate_checked.setdefault(self.model, {})
-        check = key not in seen and degenerate_tolerance(amp_dtype or x.dtype) is not None
+        seen = degenerate.checked(self.model)
+        check = (key not in seen
+                 and degenerate.degenerate_tolerance(amp_dtype or x.dtype) is not None)
         conv.watch = [] if check else None
         # compiled: inside a with-block, once the classifier patch is static and the
         # first-call checks are done (they run Python between ops)
@@ -318,31 +319,8 @@ class TSGB:
                 backend.memory_release()
 
     def _report_degenerate(self, conv: Conversion, seen: dict, key) -> None:
-        found = conv.degenerate()
-        if not any(e[3] is None for e in conv.watch or ()):  # fp16/bf16 could not tell
-            while len(seen) >= 8:  # a few module trees / input kinds are remembered
-                seen.pop(next(iter(seen)))
-            seen[key] = {m: ratio for m, ratio, _ in found}
-        conv.watch = None
-        for m, ratio, single in found:
-            self._degenerate[m] = ratio
-            name = f"{self._names.get(m, type(m).__name__)} ({type(m).__name__})"
-            if single:
-                why = (f"{name} is a conv with a single output position, and the relevance it "
-                       f"receives sums to zero (|sum| = {ratio:.1e} x its magnitude): the "
-                       f"TSGB-FC rule makes the classifier's input relevance sum to zero, and "
-                       f"the conv rule hands on only that sum")
-            else:
-                why = (f"the relevance {name} receives sums to zero at each of its output "
-                       f"positions (|sum| <= {ratio:.1e} x its magnitude; a LayerNorm or "
-                       f"GroupNorm after it, whose gradient times input sums to zero, does "
-                       f"this), and the conv rule hands on only those sums")
-            conv.warn_once(
-                m, "degenerate",
-                f"tsgb_ext: relevance through {name} is rounding noise, and maps whose "
-                f"relevance all passes it are zero up to rounding: {why}. What remains "
-                f"changes with any perturbation of the input; the spec gives such an "
-                f"architecture no usable TSGB map")
+        for m, msg in degenerate.report(conv, seen, key, self._names, self._degenerate):
+            conv.warn_once(m, "degenerate", msg)
 
     def report(self, x: Optional[torch.Tensor] = None, target: TargetLike = None) -> "RuleReport":
         """Which modules get which TSGB rule (and which keep their ordinary gradient).
@@ -436,7 +414,3 @@ def _keep_saved_buffers():
         return contextlib.nullcontext()
     return cfg.patch(donated_buffer=False)
 
-
-#: model -> {(module tree, input shape, dtype, ...): {degenerate conv: ratio}}: the check runs
-#: on the first call for each (its cost: one extra pass over every conv's output)
-_degenerate_checked: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
