@@ -1,7 +1,9 @@
 """The package's house plan: imports point one way (cli -> data / evaluation / viz -> core, io
--> convert, ops), nothing imports cli, no module imports another module's private name, and
-there is no import cycle. Read from the source with ast (nothing is imported), except the
-check that the public reader lives in the library layer."""
+-> convert, ops), nothing imports cli, no module imports another module's private name, there
+is no import cycle, no function is longer than 80 lines, backend capabilities are declared on
+one base class and never probed, and each module has one import path. Read from the source
+with ast (nothing is imported), except the checks that need the objects themselves (the public
+reader lives in the library layer, the backends' classes, the deprecated shims warn)."""
 import ast
 import os
 
@@ -131,15 +133,6 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("mod", sorted(MODULES))
-def test_no_function_longer_than_120_lines(mod):
-    tree = ast.parse(open(MODULES[mod], encoding="utf-8").read())
-    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and n.end_lineno - n.lineno + 1 > 120]
-    assert not long, f"{mod}: " + ", ".join(long)
-
-
 def test_the_map_reader_and_store_are_library_code_not_cli():
     import tsgb_ext
     from tsgb_ext import io
@@ -252,6 +245,7 @@ def test_names_are_not_used_twice_for_different_things():
 
 @pytest.mark.parametrize("mod", sorted(MODULES))
 def test_no_function_longer_than_80_lines(mod):
+    """(Was 120 lines; issue 22 lowered it.)"""
     tree = ast.parse(open(MODULES[mod], encoding="utf-8").read())
     long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))

@@ -123,19 +123,6 @@ def normalize(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb - mean) / std
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """The model's input -> [0, 1] RGB (inverse of :func:`normalize`)."""
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
-
-
-def preprocess(image, size: Union[int, Tuple[int, int]] = IMAGE_SIZE,
-               device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    """An RGB image (numpy (H, W, 3) or PIL) -> the model's (1, 3, h, w) input on ``device``."""
-    return normalize(load_rgb(image, size, device))
-
-
 # ----------------------------------------------------------------------- model registry ----
 #: ImageNet mean and std of torchvision's classification models (on [0, 1] RGB).
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)

@@ -6,7 +6,8 @@
     scores = metric(model=model, x_batch=x, y_batch=y, s_batch=masks,
                     explain_func=explain_func, explain_func_kwargs={"method": "tsgb"})
 
-Quantus itself is not needed to import this module. See :func:`tsgb_ext.evaluation.metrics.explain_func`.
+Quantus itself is not needed to import this module. See
+:func:`tsgb_ext.evaluation.metrics.explain_func`.
 """
 from .metrics import explain_func
 
