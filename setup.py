@@ -59,12 +59,7 @@ def _nvidia_wheel_includes():
     for root in roots:
         for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
             inc = os.path.realpath(inc)
-            if inc not in found:
-                found.append(inc)
-        # CUDA 13 wheels keep everything under nvidia/cu13/include
-        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "include"))):
-            inc = os.path.realpath(inc)
-            if inc not in found:
+            if inc not in found:  # (CUDA 13 wheels: nvidia/cu13/include, matched too)
                 found.append(inc)
     return found
 
@@ -153,7 +148,7 @@ setup(
                  "timm>=1.0", "safetensors>=0.4", "captum>=0.7"],
         # timm models (tsgb explain --model timm:NAME) and .safetensors weights
         "timm": ["timm>=1.0", "safetensors>=0.4"],
-        # tsgb_ext.captum.TSGB, a captum.attr.GradientAttribution
+        # tsgb_ext.evaluation.captum.TSGBAttribution, a captum.attr.GradientAttribution
         "captum": ["captum>=0.7"],
     },
     ext_modules=ext_modules,

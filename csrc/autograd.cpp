@@ -5,8 +5,8 @@
 // this project's CPU (1 thread, tiny tensors), the Python autograd wrapper cost about 30 us per
 // conv call and 75 us per conv -> BN -> ReLU call, against about 8 us for F.conv2d with autograd.
 // On a GPU that host time is per layer and per call, and can exceed the kernels' own time.
-// The classifier's linear op keeps its Python autograd (tsgb_ext/_ops.py): it runs once per
-// call and its rule picks the rows of W it needs in Python.
+// The classifier's linear op keeps its Python autograd (tsgb_ext/ops/autograd.py): it runs
+// once per call and its rule picks the rows of W it needs in Python.
 //
 // The calls below go through the dispatcher (below autograd for the forward), so the ops stay
 // traceable by torch.compile / AOTAutograd with the fake kernels registered in Python.

@@ -1,8 +1,10 @@
 // Every op schema of tsgb_ext, in one place.
 //
 // Forward ops return exactly what torch's own functional op returns (they call it), and are
-// registered as CompositeExplicitAutograd so that the autograd formula registered from Python
-// (tsgb_ext/_ops.py, torch.library.register_autograd) reaches the TSGB backward ops below.
+// registered as CompositeExplicitAutograd so that their autograd reaches the TSGB backward ops
+// below: for the per-layer ops the C++ autograd nodes of autograd.cpp (dispatch key Autograd),
+// for linear the formula registered from Python (tsgb_ext/ops/autograd.py,
+// torch.library.register_autograd).
 //
 // Backward ops implement the rules of ../shared/TSGB_SPEC.md. Device kernels live in
 // csrc/cpu/<rule>.cpp and csrc/cuda/<rule>.cu, one dispatch key per file.

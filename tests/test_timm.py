@@ -455,7 +455,7 @@ captum_needed = pytest.mark.skipif(
 @captum_needed
 @pytest.mark.parametrize("backend", backends())
 def test_captum_attribute_is_relevance_per_element(backend):
-    from tsgb_ext.evaluation.captum import TSGB as CaptumTSGB
+    from tsgb_ext.evaluation.captum import TSGBAttribution as CaptumTSGB
     model = tiny()
     x = torch.randn(3, 3, 15, 17, dtype=torch.float64)
     before = snapshot(model)
@@ -489,7 +489,7 @@ class TwoArgs(nn.Module):
 
 @captum_needed
 def test_captum_additional_forward_args():
-    from tsgb_ext.evaluation.captum import TSGB as CaptumTSGB
+    from tsgb_ext.evaluation.captum import TSGBAttribution as CaptumTSGB
     model = TwoArgs().double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     a = CaptumTSGB(model, backend="hooks").attribute(x, target=1, additional_forward_args=2.0)
@@ -512,7 +512,7 @@ def test_captum_metrics_noise_tunnel_and_visualization():
     from captum.attr import visualization as viz
     from captum.metrics import infidelity, sensitivity_max
 
-    from tsgb_ext.evaluation.captum import TSGB as CaptumTSGB
+    from tsgb_ext.evaluation.captum import TSGBAttribution as CaptumTSGB
     model = tiny().float()
     x = torch.randn(2, 3, 15, 17)
     ct = CaptumTSGB(model)

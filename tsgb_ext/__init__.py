@@ -6,26 +6,27 @@
 Backends: "native" (compiled C++/CUDA ops, tsgb_ext._C), "hooks" (pure PyTorch, the
 tsgb_hooks package), "auto" (native where available for the input's device).
 
-Layout (imports point one way: cli -> data / evaluation / viz -> core -> convert, ops):
+Layout (imports point one way: cli -> data / evaluation / viz -> core, io -> convert, ops):
 ``core`` (the explainer, input checks, backends), ``convert`` (converting a model and restoring
-it), ``ops`` (the compiled ops), ``data`` (models, images, the batch pipeline), ``evaluation``
-(metrics, baselines, benchmarks, Quantus / Captum adapters), ``viz`` (figures), ``cli`` (the
-``tsgb`` command). ``tsgb_ext.models``, ``tsgb_ext.pipeline``, ``tsgb_ext.metrics``, ... still
-work: they are imported lazily from their parts on first use.
+it), ``ops`` (the compiled ops), ``io`` (image files, preprocessing, labels, the map store),
+``data`` (models, images, the batch pipeline), ``evaluation`` (metrics, baselines, benchmarks,
+Quantus / Captum adapters), ``viz`` (figures), ``cli`` (the ``tsgb`` command). Each module has
+one import path, the one of its part: ``tsgb_ext.data.models``, ``tsgb_ext.evaluation.metrics``
+... (deprecated flat spellings of an earlier layout, ``tsgb_ext.models`` and the like, still
+import for this release and warn; see :data:`MOVED`).
 """
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 
 from .core.backend import native_available
-from .core.explainer import TSGB
-from .io.maps import open_maps  # noqa: F401 (the reader of map folders; see tsgb_ext.io)
+from .core.explainer import TSGB, RuleReport
+from .io.maps import open_maps
 from .ops.loader import cuda_built, load_error
 
 __version__ = "0.1.0"
 
-#: the modules of the flat layout, by their place now (``tsgb_ext.<name>`` still imports them)
+#: the flat spellings of an earlier layout, deprecated, and the modules they name now: each is
+#: a small module here (``tsgb_ext/models.py`` ...) that warns (DeprecationWarning) and hands
+#: on the module at its place; they go in the next release
 MOVED = {
     "models": "tsgb_ext.data.models",
     "pipeline": "tsgb_ext.data.pipeline",
@@ -38,40 +39,11 @@ MOVED = {
 
 
 def __getattr__(name: str):
-    """``tsgb_ext.models``, ``from tsgb_ext import metrics``, ...: the module at its new place,
-    imported on first use (PEP 562), so ``import tsgb_ext`` stays light."""
-    if name in MOVED:
-        module = importlib.import_module(MOVED[name])
-        globals()[name] = module
-        return module
-    if name == "viz":  # a submodule not imported yet
-        return importlib.import_module(".viz", __name__)
+    """``tsgb_ext.viz`` and the deprecated ``tsgb_ext.models`` ...: the submodule, imported on
+    first use (PEP 562), so ``import tsgb_ext`` stays light."""
+    if name in MOVED or name == "viz":
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(MOVED) | {"viz"})
-
-
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """``import tsgb_ext.captum`` / ``from tsgb_ext.metrics import ...``: the dotted names of
-    the flat layout resolve to the same module objects at their new places."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        head, _, tail = fullname.rpartition(".")
-        if head != __name__ or tail not in MOVED:
-            return None
-        return importlib.util.spec_from_loader(fullname, self)
-
-    def create_module(self, spec):
-        return importlib.import_module(MOVED[spec.name.rpartition(".")[2]])
-
-    def exec_module(self, module):
-        pass  # already executed at its new place
-
-
-if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
-    sys.meta_path.append(_MovedModules())
 
 
 def backend_info() -> dict:
@@ -86,4 +58,5 @@ def backend_info() -> dict:
     }
 
 
-__all__ = ["TSGB", "native_available", "backend_info", "__version__"]
+__all__ = ["TSGB", "RuleReport", "native_available", "backend_info", "open_maps",
+           "__version__"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import rules
+from .backend import Backend
 
 
 class _Conv2d(torch.autograd.Function):
@@ -104,8 +105,9 @@ def linear_rule(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> to
     return gx.reshape(grad.shape[:-1] + shape[-1:])
 
 
-class HooksBackend:
-    """The pure-PyTorch backend, as the interface tsgb_ext's model conversion expects."""
+class HooksBackend(Backend):
+    """The pure-PyTorch backend: the rule ops, none of the optional ones (every capability
+    keeps the base class's False)."""
 
     name = "hooks"
     conv2d = staticmethod(conv2d)

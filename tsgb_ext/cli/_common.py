@@ -8,12 +8,12 @@ import contextlib
 import os
 import re
 import tempfile
+from typing import Callable, Optional
 
 import torch
 
+from ..core.backend import BACKENDS  # noqa: F401 (the --backend choices)
 from ..core.inputs import tf32_off
-
-BACKENDS = ("auto", "native", "hooks")
 
 
 class CLIError(Exception):
@@ -88,15 +88,23 @@ def full_fp32(device: torch.device):
         yield
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def int_arg(lo: int = 1, hi: Optional[int] = None) -> Callable[[str], int]:
+    """argparse type: an integer >= ``lo`` (and <= ``hi``, when given)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if hi is not None and not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {v}")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+#: argparse type: an integer >= 1
+positive_int = int_arg(1)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")

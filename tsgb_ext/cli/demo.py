@@ -13,22 +13,12 @@ from .. import viz
 from ..core.explainer import TSGB
 from ..data import imagenet, models
 from ..evaluation.benchmarks import make_mosaic
-from ._common import (BACKENDS, DEVICE_HELP, CLIError, check_backend, full_fp32,
+from ._common import (BACKENDS, DEVICE_HELP, CLIError, check_backend, full_fp32, int_arg,
                       prepare_out_dir, resolve_device)
 
 MAX_TOP_K = 10
 #: Layout of the demo mosaic: one row, the cat (left tile) then the coffee (right tile).
 MOSAIC_GRID = (1, 2)
-
-
-def _positive_top_k(text: str) -> int:
-    try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 1 <= k <= MAX_TOP_K:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_TOP_K}, got {k}")
-    return k
 
 
 def demo_images() -> Dict[str, Any]:
@@ -191,7 +181,7 @@ def register(sub) -> None:
                     "each top class overlaid (red: positive evidence, blue: negative).")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="directory for the PNG figures (created if missing)")
-    p.add_argument("--top-k", type=_positive_top_k, default=3, metavar="K",
+    p.add_argument("--top-k", type=int_arg(1, MAX_TOP_K), default=3, metavar="K",
                    help=f"explain each photo's K top classes, 1..{MAX_TOP_K} (default: 3)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--backend", choices=BACKENDS, default="auto",

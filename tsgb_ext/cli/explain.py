@@ -27,7 +27,7 @@ import torch
 from ..io import store as map_store
 from ..io.labels import LabelsError, class_id, read_labels
 from ..io.store import COLUMNS, INDEX, MAP_DTYPES, StoreError  # noqa: F401 (COLUMNS: API)
-from ._common import BACKENDS, CLIError, check_backend, display, resolve_device
+from ._common import BACKENDS, CLIError, check_backend, display, int_arg, resolve_device
 
 #: How the store's errors name its arguments here.
 FLAGS = {"out": "--out", "resume": "--resume"}
@@ -51,18 +51,6 @@ class _Interrupted(Exception):
 
 
 # --------------------------------------------------------------------------- parsing ----
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-    return parse
-
-
 def _size(text: str) -> Tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+)\s*)?", text)
     if not m:
@@ -116,15 +104,15 @@ def register(sub) -> None:
     g = p.add_argument_group("targets (default: each image's top-1 class)")
     g.add_argument("--target", default="top1", metavar="top1|ID[,ID...]",
                    help="top1, or class ids explained for every image")
-    g.add_argument("--top-k", type=_int_at_least(1), metavar="K",
+    g.add_argument("--top-k", type=int_arg(1), metavar="K",
                    help="each image's K top classes, all from one forward pass")
     g.add_argument("--labels", metavar="FILE.csv",
                    help="CSV with columns image,class (id or class name); several rows per "
                         "image allowed; images not listed are skipped")
     g = p.add_argument_group("running")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=16, metavar="N",
+    g.add_argument("--batch-size", type=int_arg(1), default=16, metavar="N",
                    help="images per forward pass (default 16)")
-    g.add_argument("--workers", type=_int_at_least(0), default=2, metavar="N",
+    g.add_argument("--workers", type=int_arg(0), default=2, metavar="N",
                    help="DataLoader worker processes decoding images (default 2; 0: in process)")
     g.add_argument("--device", default="auto",
                    help="auto (default: cuda if available, else cpu; under torchrun: "
@@ -138,7 +126,7 @@ def register(sub) -> None:
     g = p.add_argument_group("outputs")
     g.add_argument("--format", action="append", metavar="npy|png",
                    help="npy (default) and/or png; repeat or give 'npy,png'")
-    g.add_argument("--shard-size", type=_int_at_least(1), default=256, metavar="MAPS",
+    g.add_argument("--shard-size", type=int_arg(1), default=256, metavar="MAPS",
                    help="maps per npy shard (default 256)")
     g.add_argument("--map-dtype", choices=tuple(MAP_DTYPES), default="float16",
                    help="dtype of the npy maps: float16 (default: half the disk; each map "

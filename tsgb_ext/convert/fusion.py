@@ -121,7 +121,7 @@ class FusedBlock(nn.Module):
     def forward(self, x):
         conv = self.conv_
         backend = self.plan.conversion.backend
-        if not getattr(backend, "supports_fusion", False) or self.__dict__.get("subclass_unfusable"):
+        if not backend.supports_fusion or self.__dict__.get("subclass_unfusable"):
             return self._unfused(x)
         fused = backend.conv2d_bn_act
         if not overrides(conv, nn.Conv2d, "forward", "_conv_forward"):

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ..convert.conversion import Conversion, degenerate_tolerance
+from ..convert import degenerate
+from ..convert.conversion import Conversion
 from ..convert.fusion import FusedBlock
 from ..convert.layer_map import describe_rules
 from . import backend as backends
@@ -17,11 +17,6 @@ from . import factor
 from .inputs import (TargetLike, check_call, compile_options, deferred_checks, flag,
                      logits as model_logits, target_tensor, tf32_off, uncompiled)
 from .modellock import model_lock
-
-
-def native_available(device=None) -> bool:
-    """True when the compiled ops are loaded and usable (for ``device``, when given)."""
-    return backends.native_available(device)
 
 
 class TSGB:
@@ -194,20 +189,7 @@ class TSGB:
             self.last_backend = self._backend_for(x.device).name
             t = tgt.shape[1] if tgt is not None else 1
             return x.new_zeros((0, t) + tuple(x.shape[2:]))
-
-        # the largest class id is read here from a CPU target; a CUDA target's values are
-        # checked at the end of the call (deferred_checks): no host read before the forward
-        tmax = int(tgt.max()) if tgt is not None and tgt.numel() and not tgt.is_cuda else -1
-        if tgt is not None:
-            tgt = tgt.to(x.device, non_blocking=True)
-
-        def select(logits: torch.Tensor) -> torch.Tensor:
-            if tgt is None:
-                return logits.argmax(1, keepdim=True)
-            k = logits.shape[1]
-            if tmax >= k:
-                raise IndexError(f"target must be class indices in [0, {k}), got {tmax}")
-            return tgt
+        select = _selector(tgt, x.device)
         hint = tgt.shape[1] if tgt is not None else 1
         return self._explain(x, select, None, targets_hint=hint)[0]
 
@@ -224,6 +206,34 @@ class TSGB:
         """
         check_call(x)
         return self._explain(x, select, amp_dtype)
+
+    def relevance(self, x: torch.Tensor,
+                  target: Union[TargetLike, Callable[[torch.Tensor], torch.Tensor]] = None,
+                  forward_args: tuple = ()) -> torch.Tensor:
+        """Per-element relevance ``gx * x``, (N, C, H, W) like ``x``: the TSGB map before its
+        sum over channels (``relevance(x, t).sum(1, keepdim=True)`` is ``attribute(x, t)``).
+
+        Args:
+            x: floating (N, C, H, W) tensor on the model's device.
+            target: one class per sample: None (top-1), an int, a sequence or 1-D integer
+                tensor of length N, or a function ``select(logits) -> (N, 1)`` int64 tensor
+                as :meth:`explain` takes.
+            forward_args: further positional arguments of the model's forward, passed after
+                ``x`` (``model(x, *forward_args)``).
+        """
+        check_call(x)
+        if x.shape[0] == 0:
+            self.last_backend = self._backend_for(x.device).name
+            return torch.zeros_like(x)
+        if callable(target):
+            select = target
+        else:
+            tgt = target_tensor(target, x.shape[0], None)
+            if tgt is not None and tgt.shape[1] != 1:
+                raise ValueError(f"relevance takes one class per sample; got a target of "
+                                 f"shape {tuple(tgt.shape)} (attribute takes (N, T))")
+            select = _selector(tgt, x.device)
+        return self._explain(x, select, None, tuple(forward_args), per_element=True)[0]
 
     def _explain(self, x, select, amp_dtype, forward_args=(), per_element=False,
                  targets_hint=None):
@@ -249,7 +259,7 @@ class TSGB:
                                      forward_args, per_element)
             # a conversion for this call only, holding the model (other threads wait)
             with model_lock(self.model).hold(object(), "this call"):
-                fusion = self._fusion_cache if backends.supports_fusion(backend) else None
+                fusion = self._fusion_cache if backend.supports_fusion else None
                 with Conversion(self.model, backend, self.classifier, self._names, fusion,
                                 self._warned) as conv:
                     return self._run(conv, backend, x, select, amp_dtype, forward_args,
@@ -377,8 +387,8 @@ class TSGB:
     def _degenerate_check(self, x, select) -> None:
         key = (tuple((id(m), type(m)) for m in self.model.modules()), tuple(x.shape[1:]),
                x.dtype, None, x.device.type)
-        if key not in _degenerate_checked.get(self.model, {}) \
-                and degenerate_tolerance(x.dtype) is not None:
+        if key not in degenerate.checked(self.model) \
+                and degenerate.degenerate_tolerance(x.dtype) is not None:
             # the first call for this input kind: the degenerate-layer check, on one target
             self._explain(x, lambda lg: select(lg)[:, :1], None, targets_hint=0)
 
@@ -419,8 +429,9 @@ class TSGB:
         # degenerate-layer check: once per model, module tree, input shape and dtype; not in
         # float16/bfloat16 (their rounding is coarser than the cancellation it looks for)
         key = (conv.tree, tuple(x.shape[1:]), x.dtype, amp_dtype, x.device.type)
-        seen = _degenerate_checked.setdefault(self.model, {})
-        check = key not in seen and degenerate_tolerance(amp_dtype or x.dtype) is not None
+        seen = degenerate.checked(self.model)
+        check = (key not in seen
+                 and degenerate.degenerate_tolerance(amp_dtype or x.dtype) is not None)
         conv.watch = [] if check else None
         # compiled: inside a with-block, once the classifier patch is static and the
         # first-call checks are done (they run Python between ops)
@@ -470,7 +481,7 @@ class TSGB:
     def _memory(self, backend, x: torch.Tensor, per_call: bool):
         """Around one call: its CPU allocations reuse the memory a with-block keeps
         (``per_call``: a call outside this explainer's with-block keeps nothing after it)."""
-        if not (self.reuse_memory and x.device.type == "cpu" and backends.reuses_memory(backend)):
+        if not (self.reuse_memory and x.device.type == "cpu" and backend.reuses_memory):
             yield
             return
         if per_call:
@@ -486,31 +497,8 @@ class TSGB:
                 backend.memory_release()
 
     def _report_degenerate(self, conv: Conversion, seen: dict, key) -> None:
-        found = conv.degenerate()
-        if not any(e[3] is None for e in conv.watch or ()):  # fp16/bf16 could not tell
-            while len(seen) >= 8:  # a few module trees / input kinds are remembered
-                seen.pop(next(iter(seen)))
-            seen[key] = {m: ratio for m, ratio, _ in found}
-        conv.watch = None
-        for m, ratio, single in found:
-            self._degenerate[m] = ratio
-            name = f"{self._names.get(m, type(m).__name__)} ({type(m).__name__})"
-            if single:
-                why = (f"{name} is a conv with a single output position, and the relevance it "
-                       f"receives sums to zero (|sum| = {ratio:.1e} x its magnitude): the "
-                       f"TSGB-FC rule makes the classifier's input relevance sum to zero, and "
-                       f"the conv rule hands on only that sum")
-            else:
-                why = (f"the relevance {name} receives sums to zero at each of its output "
-                       f"positions (|sum| <= {ratio:.1e} x its magnitude; a LayerNorm or "
-                       f"GroupNorm after it, whose gradient times input sums to zero, does "
-                       f"this), and the conv rule hands on only those sums")
-            conv.warn_once(
-                m, "degenerate",
-                f"tsgb_ext: relevance through {name} is rounding noise, and maps whose "
-                f"relevance all passes it are zero up to rounding: {why}. What remains "
-                f"changes with any perturbation of the input; the spec gives such an "
-                f"architecture no usable TSGB map")
+        for m, msg in degenerate.report(conv, seen, key, self._names, self._degenerate):
+            conv.warn_once(m, "degenerate", msg)
 
     def report(self, x: Optional[torch.Tensor] = None, target: TargetLike = None) -> "RuleReport":
         """Which modules get which TSGB rule (and which keep their ordinary gradient).
@@ -620,6 +608,25 @@ def _class_table(classes, n: int, num_classes: int, device) -> torch.Tensor:
     return tg.to(device=device, dtype=torch.int64)
 
 
+def _selector(tgt: Optional[torch.Tensor], device: torch.device
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``select(logits)`` for a validated (N, T) target (None: each sample's top-1 class)."""
+    # the largest class id is read here from a CPU target; a CUDA target's values are
+    # checked at the end of the call (deferred_checks): no host read before the forward
+    tmax = int(tgt.max()) if tgt is not None and tgt.numel() and not tgt.is_cuda else -1
+    if tgt is not None:
+        tgt = tgt.to(device, non_blocking=True)
+
+    def select(logits: torch.Tensor) -> torch.Tensor:
+        if tgt is None:
+            return logits.argmax(1, keepdim=True)
+        k = logits.shape[1]
+        if tmax >= k:
+            raise IndexError(f"target must be class indices in [0, {k}), got {tmax}")
+        return tgt
+    return select
+
+
 def _keep_saved_buffers():
     """Around a compiled forward and its backward passes: AOTAutograd may "donate" the tensors
     a compiled graph saves for its backward to that backward's outputs, which allows the
@@ -634,7 +641,3 @@ def _keep_saved_buffers():
         return contextlib.nullcontext()
     return cfg.patch(donated_buffer=False)
 
-
-#: model -> {(module tree, input shape, dtype, ...): {degenerate conv: ratio}}: the check runs
-#: on the first call for each (its cost: one extra pass over every conv's output)
-_degenerate_checked: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

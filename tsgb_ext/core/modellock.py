@@ -62,9 +62,6 @@ class ModelLock:
                 self.owner = self.thread = None
                 self._cond.notify_all()
 
-    def held_by(self, owner: object) -> bool:
-        return self.owner is owner
-
     @contextlib.contextmanager
     def hold(self, owner: object, what: str = "this conversion") -> Iterator[None]:
         self.acquire(owner, what)

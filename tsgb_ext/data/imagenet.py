@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import List, Sequence, Tuple
+from typing import Tuple
 
 #: ImageNet classes that are domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian cat).
 CAT_CLASSES: Tuple[int, ...] = (281, 282, 283, 284, 285)
@@ -29,12 +29,3 @@ def class_name(index: int) -> str:
     if not 0 <= int(index) < len(names):
         raise IndexError(f"ImageNet class index must be in [0, {len(names)}), got {index}")
     return names[int(index)]
-
-
-def class_indices(names: Sequence[str]) -> List[int]:
-    """The class indices of ImageNet class names (exact match)."""
-    lookup = {n: i for i, n in enumerate(class_names())}
-    missing = [n for n in names if n not in lookup]
-    if missing:
-        raise KeyError(f"not ImageNet class names: {missing}")
-    return [lookup[n] for n in names]

@@ -18,7 +18,7 @@ multiples of 32 (e.g. a 224 x 448 mosaic) get the same padding TF would use.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -121,19 +121,6 @@ def normalize(rgb: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     return (rgb - mean) / std
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """The model's input -> [0, 1] RGB (inverse of :func:`normalize`)."""
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
-
-
-def preprocess(image, size: Union[int, Tuple[int, int]] = IMAGE_SIZE,
-               device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    """An RGB image (numpy (H, W, 3) or PIL) -> the model's (1, 3, h, w) input on ``device``."""
-    return normalize(load_rgb(image, size, device))
 
 
 # ----------------------------------------------------------------------- model registry ----
@@ -303,6 +290,83 @@ def _timm_model(spec: str, sd) -> LoadedModel:
                        crop_mode=crop_mode)
 
 
+def _bundled_model(spec: str, sd) -> LoadedModel:
+    """``efficientnet-lite0``: the bundled pretrained model (``sd`` replaces its weights)."""
+    model = load_efficientnet_lite0("cpu")
+    if sd is not None:
+        _load_into(model, sd, spec)
+    from . import imagenet
+    return LoadedModel(model, spec, (IMAGE_SIZE, IMAGE_SIZE), MEAN, STD, imagenet.class_names())
+
+
+def _factory_model(spec: str, sd) -> LoadedModel:
+    """``package.module:factory``: ``factory()``, its preprocessing from its attributes."""
+    import importlib
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelSpecError(f"--model {spec}: cannot import module {mod_name!r} ({e})") from None
+    factory = mod
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise ModelSpecError(f"--model {spec}: {mod_name} has no callable {attr!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"--model {spec}: the factory returned a "
+                             f"{type(model).__name__}, not a torch.nn.Module")
+    if sd is not None:
+        _load_into(model, sd, spec)
+    s = getattr(model, "input_size", IMAGE_SIZE)
+    size = (s, s) if isinstance(s, int) else tuple(s)
+    mean = tuple(getattr(model, "mean", IMAGENET_MEAN))
+    std = tuple(getattr(model, "std", IMAGENET_STD))
+    return LoadedModel(model, spec, size, mean, std, getattr(model, "class_names", None))
+
+
+def _torchvision_model(spec: str, sd) -> LoadedModel:
+    """A torchvision classification architecture, built untrained, with ``sd`` loaded."""
+    known = torchvision_classifiers()
+    if spec not in known:
+        close = [k for k in known if spec.lower().replace("-", "_") in k][:8]
+        raise ModelSpecError(
+            f"--model {spec}: unknown model; use {DEFAULT_MODEL}, a torchvision "
+            f"classification architecture (e.g. resnet18, mobilenet_v3_small"
+            + (f"; close: {', '.join(close)}" if close else "")
+            + ") with --weights FILE, timm:NAME with --weights FILE, or "
+            "package.module:factory")
+    if sd is None:
+        raise ModelSpecError(f"--model {spec}: a torchvision architecture needs --weights "
+                             f"FILE (a state dict); nothing is downloaded")
+    from torchvision.models import get_model
+    kwargs = {}
+    n_out = _last_linear_out(sd)
+    if n_out is not None and n_out != 1000:
+        kwargs["num_classes"] = int(n_out)
+    try:
+        model = get_model(spec, weights=None, **kwargs)
+    except Exception as e:
+        raise ModelSpecError(f"--model {spec}: cannot build it ({e})") from None
+    _load_into(model, sd, spec)
+    names = None
+    if n_out in (None, 1000):
+        from . import imagenet
+        names = imagenet.class_names()
+    return LoadedModel(model, spec, (IMAGE_SIZE, IMAGE_SIZE), IMAGENET_MEAN, IMAGENET_STD,
+                       names)
+
+
+#: the loader of each form of ``--model`` spec: the first whose test the spec passes builds it
+#: (on the CPU; ``load_model`` moves it)
+LOADERS: Tuple[Tuple[Callable[[str], bool], Callable[..., LoadedModel]], ...] = (
+    (lambda spec: spec.startswith(TIMM_PREFIX), _timm_model),                    # timm:NAME
+    (lambda spec: spec.replace("_", "-").lower() == DEFAULT_MODEL, _bundled_model),
+    (lambda spec: ":" in spec, _factory_model),                      # package.module:factory
+    (lambda spec: True, _torchvision_model),                         # a torchvision name
+)
+
+
 def load_model(spec: str = DEFAULT_MODEL, weights: Optional[str] = None,
                device: Union[str, torch.device] = "cpu") -> LoadedModel:
     """Build the classifier named by ``spec`` (the CLI's ``--model``) on ``device``.
@@ -324,69 +388,8 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Optional[str] = None,
     ``torch.load(..., weights_only=True)``.
     """
     sd = load_state_dict_file(weights) if weights else None
-    size: Tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
-    names = None
-    if spec.startswith(TIMM_PREFIX):
-        loaded = _timm_model(spec, sd)
-        loaded.model.eval().requires_grad_(False)
-        loaded.model = loaded.model.to(device)
-        return loaded
-    if spec.replace("_", "-").lower() == DEFAULT_MODEL:
-        model = load_efficientnet_lite0("cpu")
-        if sd is not None:
-            _load_into(model, sd, spec)
-        mean, std = MEAN, STD
-        from . import imagenet
-        names = imagenet.class_names()
-    elif ":" in spec:
-        import importlib
-        mod_name, _, attr = spec.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ModelSpecError(f"--model {spec}: cannot import module {mod_name!r} ({e})") from None
-        factory = mod
-        for part in attr.split("."):
-            factory = getattr(factory, part, None)
-        if not callable(factory):
-            raise ModelSpecError(f"--model {spec}: {mod_name} has no callable {attr!r}")
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise ModelSpecError(f"--model {spec}: the factory returned a "
-                                 f"{type(model).__name__}, not a torch.nn.Module")
-        if sd is not None:
-            _load_into(model, sd, spec)
-        s = getattr(model, "input_size", IMAGE_SIZE)
-        size = (s, s) if isinstance(s, int) else tuple(s)
-        mean = tuple(getattr(model, "mean", IMAGENET_MEAN))
-        std = tuple(getattr(model, "std", IMAGENET_STD))
-        names = getattr(model, "class_names", None)
-    else:
-        known = torchvision_classifiers()
-        if spec not in known:
-            close = [k for k in known if spec.lower().replace("-", "_") in k][:8]
-            raise ModelSpecError(
-                f"--model {spec}: unknown model; use {DEFAULT_MODEL}, a torchvision "
-                f"classification architecture (e.g. resnet18, mobilenet_v3_small"
-                + (f"; close: {', '.join(close)}" if close else "")
-                + ") with --weights FILE, timm:NAME with --weights FILE, or "
-                "package.module:factory")
-        if sd is None:
-            raise ModelSpecError(f"--model {spec}: a torchvision architecture needs --weights "
-                                 f"FILE (a state dict); nothing is downloaded")
-        from torchvision.models import get_model
-        kwargs = {}
-        n_out = _last_linear_out(sd)
-        if n_out is not None and n_out != 1000:
-            kwargs["num_classes"] = int(n_out)
-        try:
-            model = get_model(spec, weights=None, **kwargs)
-        except Exception as e:
-            raise ModelSpecError(f"--model {spec}: cannot build it ({e})") from None
-        _load_into(model, sd, spec)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        if n_out in (None, 1000):
-            from . import imagenet
-            names = imagenet.class_names()
-    model.eval().requires_grad_(False)
-    return LoadedModel(model.to(device), spec, size, mean, std, names)
+    build = next(load for matches, load in LOADERS if matches(spec))
+    loaded = build(spec, sd)
+    loaded.model.eval().requires_grad_(False)
+    loaded.model = loaded.model.to(device)
+    return loaded

@@ -1,6 +1,6 @@
 """TSGB over whole collections: image files in, batches of maps out (they stay on the device).
 
-    from tsgb_ext import pipeline
+    from tsgb_ext.data import models, pipeline
     loaded = models.load_model("efficientnet-lite0", device="cuda")
     ds = pipeline.ImageFileDataset(pipeline.list_images(["photos/"]), loaded.size)
     dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=4,
@@ -198,8 +198,9 @@ def explain_batches(model_or_explainer: Union[torch.nn.Module, TSGB], batches: I
             own ``"target"`` entry), or ``f(meta, logits) -> per-image id lists``.
         top_k: explain each image's K top classes (overrides ``target``).
         device: where to run (default: the model's parameters' device); batches are moved there.
-        amp: None, ``"bf16"`` or ``"fp16"``: autocast the forward and backward in that dtype
-            (maps are accumulated in float32).
+        amp: None, ``"bf16"`` or ``"fp16"``: autocast the forward pass in that dtype (only:
+            the TSGB rules then run on its saved activations outside autocast, and the maps
+            come back in the batch's dtype, float32 for a float32 model).
         mean, std: when given, batches are [0, 1] RGB and are normalised on the device with
             them; else they are the model's input already.
     Maps are never copied to the host: call ``.numpy()`` on a result for that.

@@ -1,7 +1,7 @@
 """The benchmarks behind ``tsgb eval``: the grid pointing game on 2x2 mosaics of photos
 (:func:`run_grid`) and the pointing / energy pointing game on a Pascal VOC folder
 (:func:`run_pointing`), with their inputs (:func:`read_voc`, :func:`read_labels`,
-:func:`list_images`, :func:`draw_grids`, :func:`make_mosaic`) and outputs (:func:`print_table`,
+:func:`grid_images`, :func:`draw_grids`, :func:`make_mosaic`) and outputs (:func:`print_table`,
 :func:`write_json`, :func:`write_plot`).
 
 The classifier comes in as an :class:`ImageNetClassifier` (the model, its class names and its
@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..io.images import list_images as find_images, read_rgb, rgb_tensor
+from ..io.images import list_images, read_rgb, rgb_tensor
 from ..io.labels import LabelsError, class_id, read_labels as read_label_file
 
 METHOD_NAMES = ("tsgb", "gradient", "gradxinput", "guided", "gradcam")
@@ -187,11 +187,11 @@ def write_json(path: str, results) -> None:
 
 
 # -------------------------------------------------------------------------- grid ----
-def list_images(directory: str) -> List[str]:
+def grid_images(directory: str) -> List[str]:
     """The images directly in ``directory`` (not its subfolders), sorted."""
     if not os.path.isdir(directory):
         raise BenchmarkError(f"{directory}: not a directory")
-    files = [it.path for it in find_images([directory], IMAGE_EXTS, recursive=False)]
+    files = [it.path for it in list_images([directory], IMAGE_EXTS, recursive=False)]
     if not files:
         raise BenchmarkError(f"{directory}: no images ({', '.join(IMAGE_EXTS)})")
     return files
@@ -264,7 +264,7 @@ def run_grid(directory: str, methods: Sequence[str], classifier: ImageNetClassif
     """The work of ``tsgb eval grid``; returns (results, info)."""
     clf, dev = classifier, torch.device(device)
     names = clf.class_names
-    files = list_images(directory)
+    files = grid_images(directory)
     lab = read_labels(labels, names)
     rgb = torch.cat([clf.load_rgb(load_image(p), TILE, dev) for p in files])
     classes = photo_classes(files, rgb, clf, lab, log)

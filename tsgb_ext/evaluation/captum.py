@@ -1,17 +1,19 @@
 """TSGB as a Captum attribution method (needs ``pip install captum``).
 
-    from tsgb_ext.captum import TSGB
-    attr = TSGB(model).attribute(images, target=labels)     # shaped like images: gx * x
+    from tsgb_ext.evaluation.captum import TSGBAttribution
+    attr = TSGBAttribution(model).attribute(images, target=labels)  # like images: gx * x
 
 ``attribute`` returns the per-element relevance ``gx * x`` (``gx`` the TSGB backward of a one-hot
 output gradient), shaped like ``inputs``; its sum over the colour channels is the TSGB map of
 ``tsgb_ext.TSGB(model).attribute``. So Captum code written for ``InputXGradient`` and the like
 works unchanged: ``captum.attr.visualization``, ``NoiseTunnel``, ``captum.metrics``
-(``sensitivity_max``, ``infidelity``).
+(``sensitivity_max``, ``infidelity``). (``TSGB``, this class's earlier name, still works for this
+release and warns: it is also the name of the explainer, ``tsgb_ext.TSGB``.)
 """
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, Optional, Tuple, Union
 
 import torch
@@ -21,10 +23,10 @@ try:
     from captum.attr import GradientAttribution
     from captum.log import log_usage
 except ImportError as e:  # pragma: no cover - exercised only without captum
-    raise ImportError("tsgb_ext.captum needs the captum package (pip install captum, or "
+    raise ImportError("tsgb_ext.evaluation.captum needs the captum package (pip install captum, or "
                       "pip install 'tsgb_ext[captum]')") from e
 
-from ..core.explainer import TSGB as _TSGB
+from ..core import explainer
 from ..core.inputs import check_call
 
 
@@ -56,7 +58,7 @@ def _targets(target, n: int, device) -> Optional[torch.Tensor]:
     return t.reshape(n, 1)
 
 
-class TSGB(GradientAttribution):
+class TSGBAttribution(GradientAttribution):
     """Target-Selective Gradient Backprop as a ``captum.attr.GradientAttribution``.
 
     Args:
@@ -69,7 +71,7 @@ class TSGB(GradientAttribution):
                  classifier: Union[None, str, nn.Linear] = None, allow_tf32: bool = False,
                  fuse: bool = True) -> None:
         GradientAttribution.__init__(self, model)
-        self.explainer = _TSGB(model, backend=backend, classifier=classifier,
+        self.explainer = explainer.TSGB(model, backend=backend, classifier=classifier,
                                allow_tf32=allow_tf32, fuse=fuse)
 
     @property
@@ -121,5 +123,15 @@ class TSGB(GradientAttribution):
                     raise IndexError(f"target must be class indices in [0, "
                                      f"{logits.shape[1]})")
                 return tgt
-            rel = self.explainer._explain(x, select, None, fargs, per_element=True)[0]
+            rel = self.explainer.relevance(x, select, fargs)
         return (rel,) if is_tuple else rel
+
+
+def __getattr__(name: str):
+    """``TSGB``: the deprecated name of :class:`TSGBAttribution` (goes in the next release)."""
+    if name == "TSGB":
+        warnings.warn("tsgb_ext.evaluation.captum.TSGB is deprecated and goes in the next "
+                      "release: use TSGBAttribution (tsgb_ext.TSGB is the explainer)",
+                      DeprecationWarning, stacklevel=2)
+        return TSGBAttribution
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ resized bilinearly to the mask's size, as TorchRay does. Nothing loops over pixe
   (Adebayo et al. 2018): maps after re-initialising layers top-down, compared to the original
   ones by Spearman rank correlation and SSIM.
 * :func:`explain_func` -- Quantus's ``explain_func(model, inputs, targets, **kwargs)``
-  (numpy in, numpy out); also importable as ``tsgb_ext.quantus.explain_func``.
+  (numpy in, numpy out); also importable as ``tsgb_ext.evaluation.quantus.explain_func``.
 """
 from __future__ import annotations
 

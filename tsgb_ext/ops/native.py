@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from tsgb_hooks.backend import Backend
 
 from .autograd import linear_rule
 
@@ -29,13 +30,15 @@ def _autocast(x: torch.Tensor, *tensors):
 _ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class NativeBackend:
-    """The compiled backend, as the interface tsgb_ext's model conversion expects."""
+class NativeBackend(Backend):
+    """The compiled backend: the rule ops and every optional one (its capabilities, declared
+    here, override the base class's False)."""
 
     name = "native"
-    #: declared capabilities (see tsgb_ext.core.backend.Backend)
     supports_fusion = True      # conv2d_bn_act: conv -> BN -> activation as one op
     supports_conv_relu = True   # conv2d_relu
+    supports_max_pool = True    # max_pool2d: MaxPool2d computed without indices
+    reuses_memory = True        # memory_hold / memory_release / memory_scope
 
     @staticmethod
     def conv2d(x, weight, bias, stride, padding, dilation, groups):
@@ -67,9 +70,6 @@ class NativeBackend:
         return ops.avg_pool2d(x, list(kernel_size), list(stride), list(padding), bool(ceil_mode),
                               bool(count_include_pad), divisor_override)
 
-    #: has ``max_pool2d``: MaxPool2d with its ordinary gradient, computed without indices
-    supports_max_pool = True
-
     @staticmethod
     def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
         """``F.max_pool2d`` (same values, same gradient): on the CPU the compiled op (no
@@ -88,9 +88,6 @@ class NativeBackend:
     linear_rule = staticmethod(linear_rule)
 
     # -- reuse of activation memory between CPU calls (csrc/cpu/activation_cache.cpp) ------
-    #: declared capability (see tsgb_ext.core.backend.Backend)
-    reuses_memory = True
-
     @staticmethod
     def memory_hold() -> None:
         """Keep freed activation blocks for reuse until the matching ``memory_release``."""
