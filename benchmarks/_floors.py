@@ -22,11 +22,11 @@ FLOOR_NOTES = [
     "result once; conv rules read x twice; views free) / the same bandwidth, with the conv -> "
     "BN -> ReLU fusion (fused) and without (unfused).",
 ]
-FLOOR_COLUMNS = ["model", "dtype", "floor GB", "floor ms", "op floor fused GB / ms",
+FLOOR_COLUMNS = ["model", "batch", "dtype", "floor GB", "floor ms", "op floor fused GB / ms",
                  "op floor unfused GB / ms", "native - forward ms", "native_unfused - forward ms",
                  "hooks - forward ms", "authors - forward ms", "bytes by layer kind (GB)",
                  "fused backward bytes by op (GB)"]
-GOAL_COLUMNS = ["model", "dtype", "native / forward (<= 1.5)", "native / gradient (<= 0.8)",
+GOAL_COLUMNS = ["model", "batch", "dtype", "native / forward (<= 1.5)", "native / gradient (<= 0.8)",
                 "authors / native (>= 2)", "hooks_compile / native (>= 1.5)",
                 "peak native / gradient MiB (<=)", "native images/s"]
 _CONV_RULES = ("conv2d_backward", "conv2d_bn_backward")
@@ -131,9 +131,9 @@ def bandwidth_gbs(device, nbytes=1 << 30, iters=10) -> float:
     return 2 * nbytes * iters / (start.elapsed_time(end) / 1e3) / 1e9
 
 
-def floor_row(name, dname, model, x, t, autocast, bw, med_of) -> list:
-    """One row of the floor table (FLOOR_COLUMNS) for a model and dtype; ``med_of`` maps
-    (model, dtype, row) to its median seconds."""
+def floor_row(name, batch, dname, model, x, t, autocast, bw, med_of) -> list:
+    """One row of the floor table (FLOOR_COLUMNS) for a model, batch and dtype; ``med_of`` maps
+    (model, batch, dtype, row) to its median seconds."""
     try:
         total, per = floor_bytes(record_shapes(model, x, autocast))
 
@@ -141,24 +141,24 @@ def floor_row(name, dname, model, x, t, autocast, bw, med_of) -> list:
             return f"{nb / (bw * 1e9) * 1e3:.2f}" if bw else "-"
 
         def minus(row):
-            m, f0 = med_of.get((name, dname, row)), med_of.get((name, dname, "forward"))
+            m, f0 = (med_of.get((name, batch, dname, r)) for r in (row, "forward"))
             return f"{(m - f0) * 1e3:.2f}" if m is not None and f0 else "-"
         fused, oper = backward_op_bytes(model, x, t, autocast, True)
         unfused, _ = backward_op_bytes(model, x, t, autocast, False)
         kinds = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(per.items()))
         ops_txt = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in
                             sorted(oper.items(), key=lambda kv: -kv[1]) if v >= 1e7)
-        return [name, dname, f"{total / 1e9:.2f}", ms(total), f"{fused / 1e9:.2f} / {ms(fused)}",
+        return [name, batch, dname, f"{total / 1e9:.2f}", ms(total), f"{fused / 1e9:.2f} / {ms(fused)}",
                 f"{unfused / 1e9:.2f} / {ms(unfused)}", minus("native"),
                 minus("native_unfused"), minus("hooks"), minus("authors"), kinds, ops_txt]
     except Exception as e:
-        return [name, dname] + ["-"] * 9 + [f"FAILED {fmt_err(e)}"]
+        return [name, batch, dname] + ["-"] * 9 + [f"FAILED {fmt_err(e)}"]
 
 
 def goal_row(name, dname, batch, med_of, peak_of):
-    """Issue 4's goals for a model and dtype from this run's medians and peaks (GOAL_COLUMNS),
+    """Issue 4's goals for a model, batch and dtype from this run's medians and peaks (GOAL_COLUMNS),
     or None without a native median."""
-    m = {r: med_of.get((name, dname, r)) for r in
+    m = {r: med_of.get((name, batch, dname, r)) for r in
          ("forward", "gradient", "authors", "hooks_compile", "native")}
     if m["native"] is None:
         return None
@@ -169,11 +169,11 @@ def goal_row(name, dname, batch, med_of, peak_of):
         v = a / b
         ok = v >= goal if higher else v <= goal
         return f"{v:.2f} {'met' if ok else 'MISSED'}"
-    pn, pg = (peak_of.get((name, dname, r), "-") for r in ("native", "gradient"))
+    pn, pg = (peak_of.get((name, batch, dname, r), "-") for r in ("native", "gradient"))
     mem = "-"
     if pn not in ("-", None) and pg not in ("-", None):
         mem = f"{pn} / {pg} {'met' if float(pn) <= float(pg) else 'MISSED'}"
-    return [name, dname, ratio(m["native"], m["forward"], 1.5, False),
+    return [name, batch, dname, ratio(m["native"], m["forward"], 1.5, False),
             ratio(m["native"], m["gradient"], 0.8, False),
             ratio(m["authors"], m["native"], 2.0, True),
             ratio(m["hooks_compile"], m["native"], 1.5, True), mem,

@@ -39,6 +39,7 @@ from _rows import (MEMORY_ROWS, ROWS, compile_counts, compile_stats, compile_war
 COLUMNS = ["model", "batch", "dtype", "row", "median ms", "ms / image", "images/s", "x forward",
            "n", "peak MiB", "note"]
 TITLE = "Rows"
+FLOOR_TITLE = "Memory-traffic floor of the TSGB backward"
 
 
 def inputs(name, batch, size, device, seed=0):
@@ -151,7 +152,7 @@ def peak_mib(fn, device) -> str:
 
 
 class _Autorange:
-    """The state of an autorange run: medians and peaks by (model, dtype, row)."""
+    """The state of an autorange run: medians and peaks by (model, batch, dtype, row)."""
 
     def __init__(self, args, report):
         self.args, self.report, self.dev = args, report, args.device_obj
@@ -174,9 +175,11 @@ class _Autorange:
             if counts is not None:  # more graphs than in the compile call: a recompile
                 note = f"row total {compile_stats(counts)}; " + note
             pk = peak_mib(fn, self.dev)
-            self.med_of[(name, dname, row)], self.peak_of[(name, dname, row)] = med, pk
+            key = (name, batch, dname, row)
+            self.med_of[key], self.peak_of[key] = med, pk
             self.report.add(TITLE, cells(name, batch, dname, row, med, n,
-                                         self.med_of.get((name, dname, "forward")), pk, note))
+                                         self.med_of.get((name, batch, dname, "forward")), pk,
+                                         note))
         except Exception as e:
             self.report.add(TITLE, failed(name, batch, dname, row, fmt_err(e)))
         finally:
@@ -184,14 +187,16 @@ class _Autorange:
             if self.dev.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def goals(self, batch) -> None:
+    def goals(self) -> None:
+        """The goals table, rebuilt from the medians so far."""
         title = "Goals (issue 4), this run"
         self.report.table(title, _floors.GOAL_COLUMNS)
         for name in self.args.model_list:
-            for dname in self.args.dtype_list:
-                row = _floors.goal_row(name, dname, batch, self.med_of, self.peak_of)
-                if row is not None:
-                    self.report.add(title, row, echo=False)
+            for batch in self.args.batch_list:
+                for dname in self.args.dtype_list:
+                    row = _floors.goal_row(name, dname, batch, self.med_of, self.peak_of)
+                    if row is not None:
+                        self.report.add(title, row, echo=False)
 
     def spent(self) -> bool:
         return time.perf_counter() - self.t_start > self.args.budget
@@ -207,7 +212,7 @@ def autorange(args, report) -> None:
             print("bandwidth measurement failed:", fmt_err(e), file=sys.stderr)
         report.head.append(f"- copy bandwidth (device copy, read+write): "
                            f"{f'{bw:.0f} GB/s' if bw else 'n/a'}")
-        report.table("Memory-traffic floor of the TSGB backward", _floors.FLOOR_COLUMNS,
+        report.table(FLOOR_TITLE, _floors.FLOOR_COLUMNS,
                      _floors.FLOOR_NOTES)
     eager = [r for r in args.row_list if not ROWS[r].compiled]
     late = [r for r in args.row_list if ROWS[r].compiled]
@@ -224,9 +229,10 @@ def autorange(args, report) -> None:
                 for row in eager:
                     run.one(name, batch, model, x, t, dname, row)
                 if args.floors:
-                    report.add("Memory-traffic floor of the TSGB backward", _floors.floor_row(
-                        name, dname, model, x, t, autocast_for(run.dev, dname), bw, run.med_of))
-                run.goals(batch)
+                    report.add(FLOOR_TITLE, _floors.floor_row(
+                        name, batch, dname, model, x, t, autocast_for(run.dev, dname), bw,
+                        run.med_of))
+                run.goals()
     for row in late:  # hooks_compile first (a goal of issue 4 compares against it)
         for dname in [d for d in args.compile_dtypes.split(",") if d in args.dtype_list]:
             for name, batch, model, x, t in built:
@@ -236,7 +242,7 @@ def autorange(args, report) -> None:
                     continue
                 run.one(name, batch, model, x, t, dname, row)
     if built:
-        run.goals(built[-1][1])
+        run.goals()
     report.note(f"total wall time {time.perf_counter() - run.t_start:.0f} s")
 
 

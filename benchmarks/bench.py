@@ -28,29 +28,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import importlib  # noqa: E402
+
 import torch  # noqa: E402
 
-import _accuracy  # noqa: E402
-import _ops  # noqa: E402
-import _profile  # noqa: E402
 import _timing  # noqa: E402
-from _common import header  # noqa: E402
+from _common import Report, header, load_average  # noqa: E402
 from _rows import CUDA_ROWS, DEFAULT_ROWS, ROWS  # noqa: E402
 
-#: --bench: (run(args, report), title, needs the compiled ops)
+#: --bench: ("module.function" that runs it as f(args, report), title, needs the compiled ops);
+#: the module is imported when its kind runs (the GPU image has no numpy for _accuracy, say)
 KINDS = {
-    "timing": (_timing.run_timing, "TSGB timing", False),
-    "memory": (_timing.run_memory, "TSGB peak memory", False),
-    "profile": (_profile.run_profile, "torch.profiler of native TSGB calls", True),
-    "layer": (_profile.run_layer, "One layer's TSGB backward ops", True),
-    "host": (_profile.run_host, "Host time per layer", True),
-    "phases": (_profile.run_phases, "Forward / backward phases of native calls", True),
-    "ops": (_ops.run_ops, "Per-op times of the TSGB rules", True),
-    "memcheck": (_ops.run_memcheck, "Every op once (for compute-sanitizer)", True),
-    "accuracy": (_accuracy.run_accuracy, "float32 maps against the float64 spec", False),
-    "amp": (_accuracy.run_amp, "--amp maps against float32", False),
-    "storage": (_accuracy.run_storage, "Map storage dtypes", False),
-    "maps": (_accuracy.run_maps, "Map differences", True),
+    "timing": ("_timing.run_timing", "TSGB timing", False),
+    "memory": ("_timing.run_memory", "TSGB peak memory", False),
+    "profile": ("_profile.run_profile", "torch.profiler of native TSGB calls", True),
+    "layer": ("_profile.run_layer", "One layer's TSGB backward ops", True),
+    "host": ("_profile.run_host", "Host time per layer", True),
+    "phases": ("_profile.run_phases", "Forward / backward phases of native calls", True),
+    "ops": ("_ops.run_ops", "Per-op times of the TSGB rules", True),
+    "memcheck": ("_ops.run_memcheck", "Every op once (for compute-sanitizer)", True),
+    "accuracy": ("_accuracy.run_accuracy", "float32 maps against the float64 spec", False),
+    "amp": ("_accuracy.run_amp", "--amp maps against float32", False),
+    "storage": ("_accuracy.run_storage", "Map storage dtypes", False),
+    "maps": ("_accuracy.run_maps", "Map differences", True),
 }
 
 #: the defaults of unset options, per kind and device ("*": any device)
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         return refuse(args, f"bench.py --device cuda: CUDA is not available (torch "
                             f"{torch.__version__}, built for CUDA {torch.version.cuda}); nothing "
                             f"measured. --device cpu runs the same kinds on the CPU.")
-    run, title, native = KINDS[args.bench]
+    where, title, native = KINDS[args.bench]
     import tsgb_ext
     if native and not tsgb_ext.native_available():
         return refuse(args, f"bench.py --bench {args.bench}: the compiled tsgb_ext ops are not "
@@ -200,11 +200,11 @@ def main(argv=None) -> int:
     if args.bench == "memory" and args.device != "cpu":
         return refuse(args, "bench.py --bench memory measures CPU resident memory; on CUDA the "
                             "timing table has each row's peak MiB.")
-    from _common import Report
+    module, func = where.split(".")
+    run = getattr(importlib.import_module(module), func)
     report = Report(header(title, args.device_obj), args.out, args.json, args.csv)
     print("\n".join(report.head), flush=True)
     rc = run(args, report)
-    from _common import load_average
     report.head.append(f"- load average at end {load_average()}")
     print()
     print(report.flush(), end="")
