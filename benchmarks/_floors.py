@@ -26,7 +26,8 @@ FLOOR_COLUMNS = ["model", "batch", "dtype", "floor GB", "floor ms", "op floor fu
                  "op floor unfused GB / ms", "native - forward ms", "native_unfused - forward ms",
                  "hooks - forward ms", "authors - forward ms", "bytes by layer kind (GB)",
                  "fused backward bytes by op (GB)"]
-GOAL_COLUMNS = ["model", "batch", "dtype", "native / forward (<= 1.5)", "native / gradient (<= 0.8)",
+GOAL_COLUMNS = ["model", "batch", "dtype", "native / forward (<= 1.5)",
+                "native / gradient (<= 0.8)",
                 "authors / native (>= 2)", "hooks_compile / native (>= 1.5)",
                 "peak native / gradient MiB (<=)", "native images/s"]
 _CONV_RULES = ("conv2d_backward", "conv2d_bn_backward")
@@ -148,7 +149,8 @@ def floor_row(name, batch, dname, model, x, t, autocast, bw, med_of) -> list:
         kinds = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(per.items()))
         ops_txt = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in
                             sorted(oper.items(), key=lambda kv: -kv[1]) if v >= 1e7)
-        return [name, batch, dname, f"{total / 1e9:.2f}", ms(total), f"{fused / 1e9:.2f} / {ms(fused)}",
+        return [name, batch, dname, f"{total / 1e9:.2f}", ms(total),
+                f"{fused / 1e9:.2f} / {ms(fused)}",
                 f"{unfused / 1e9:.2f} / {ms(unfused)}", minus("native"),
                 minus("native_unfused"), minus("hooks"), minus("authors"), kinds, ops_txt]
     except Exception as e:
@@ -156,8 +158,8 @@ def floor_row(name, batch, dname, model, x, t, autocast, bw, med_of) -> list:
 
 
 def goal_row(name, dname, batch, med_of, peak_of):
-    """Issue 4's goals for a model, batch and dtype from this run's medians and peaks (GOAL_COLUMNS),
-    or None without a native median."""
+    """Issue 4's goals for a model, batch and dtype from this run's medians and peaks
+    (GOAL_COLUMNS), or None without a native median."""
     m = {r: med_of.get((name, batch, dname, r)) for r in
          ("forward", "gradient", "authors", "hooks_compile", "native")}
     if m["native"] is None:

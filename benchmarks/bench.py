@@ -163,11 +163,11 @@ def resolve(args) -> argparse.Namespace:
     rows = split(args.rows)
     if args.authors_full and "authors_full" not in rows:
         rows.insert(rows.index("authors") + 1 if "authors" in rows else len(rows), "authors_full")
-    if args.no_compile:
-        rows = [r for r in rows if not ROWS[r].compiled]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"bench.py: unknown row(s) {unknown}; rows: {list(ROWS)}")
+    if args.no_compile:
+        rows = [r for r in rows if not ROWS[r].compiled]
     args.row_list = rows
     args.device_obj = torch.device(args.device)
     return args
