@@ -194,9 +194,14 @@ class Report:
         self.notes: Dict[str, List[str]] = {}
         self.tail: List[str] = []
 
-    def table(self, title: str, columns: Sequence[str], notes: Sequence[str] = ()) -> str:
+    def table(self, title: str, columns: Sequence[str], notes: Sequence[str] = (),
+              echo: bool = True) -> str:
+        """Start (or restart, empty) the table ``title``; ``echo``: print its heading."""
         self.tables[title] = (list(columns), [])
         self.notes[title] = list(notes)
+        if echo:
+            print(f"\n## {title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns),
+                  flush=True)
         return title
 
     def add(self, title: str, row, echo: bool = True) -> None:

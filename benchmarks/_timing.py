@@ -190,7 +190,7 @@ class _Autorange:
     def goals(self) -> None:
         """The goals table, rebuilt from the medians so far."""
         title = "Goals (issue 4), this run"
-        self.report.table(title, _floors.GOAL_COLUMNS)
+        self.report.table(title, _floors.GOAL_COLUMNS, echo=False)
         for name in self.args.model_list:
             for batch in self.args.batch_list:
                 for dname in self.args.dtype_list:
