@@ -142,7 +142,6 @@ def _kind_options(p) -> None:
 
 def resolve(args) -> argparse.Namespace:
     """Fill unset options from DEFAULTS (and QUICK) and split the comma lists."""
-    args.rows_given = args.rows is not None
     chosen = dict(BASE)
     chosen.update(DEFAULTS.get((args.bench, "*"), {}))
     chosen.update(DEFAULTS.get((args.bench, args.device), {}))
