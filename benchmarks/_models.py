@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from _common import randomise_bn
+
 VGG_CFGS = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
@@ -141,20 +143,6 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial eval statistics and affine parameters for every BatchNorm2d."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
-    return model
-
-
 def build(name: str, num_classes: int = 1000, seed: int = 0) -> nn.Module:
     """``vgg11`` | ``vgg16`` | ``resnet18`` | ``resnet50``: random weights, eval mode;
     ``efficientnet-lite0``: the bundled ImageNet-pretrained model (tsgb_ext's demo model)."""
@@ -171,4 +159,4 @@ def build(name: str, num_classes: int = 1000, seed: int = 0) -> nn.Module:
     else:
         raise ValueError(f"unknown model {name!r}; choose from vgg11, vgg16, resnet18, resnet50, "
                          f"efficientnet-lite0")
-    return randomize_bn(model, seed).eval()
+    return randomise_bn(model, seed).eval()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check: the TORCH_CHECK probe, the CUDA kernels in place (prebuilt or built),
-# the CUDA tests, the model check, the GPU benchmarks.
+# the CUDA tests, the GPU benchmarks (benchmarks/bench.py --device cuda).
 #
 #   PREBUILT=1 bash benchmarks/gpu_check.sh     # with .devcheck/prebuilt carried to the device
 #   bash benchmarks/gpu_check.sh                # builds the CUDA kernels there (1-3 min more)
@@ -15,16 +15,15 @@
 #   T_OPS                75     45    CUDA op tests (test_op_kernels.py), bad-input tests apart
 #   T_ERRORS             25      0    CUDA bad-input tests, in a process of their own
 #   T_MODELS             40     30    CUDA model tests (fusion, native ops, models)
-#   T_MODEL_CHECK        35      0    gpu_model_check.py (fused/unfused/hooks/float64, bf16)
-#   T_OPBENCH            25      0    bench_gpu_ops.py (per-op rule vs cuDNN input gradient)
-#   T_BENCH              90     65    bench_gpu.py (the table rows done by then are kept)
-#   sum                 420    180    (full + QUICK = 600 s: both fit one device slot)
-#   memcheck: only with time left, at most 60 s and never past T_TOTAL (420) in all
+#   T_OPBENCH            25      0    bench.py --bench ops (per-op rule vs cuDNN input gradient)
+#   T_BENCH              90     65    bench.py --bench timing (the table rows done by then are kept)
+#   sum                 385    180    (+ memcheck within T_TOTAL 420: full + QUICK = 600 s)
+#   memcheck: bench.py --bench memcheck, only with time left, at most 60 s and never past
+#             T_TOTAL (420) in all
 #   T_BUILD             240    240    only when no usable prebuilt .so (PREBUILT unset, or it
 #                                     does not match this torch / checkout, or fails to load)
 # Results: $OUT (default benchmarks/out): summary.txt (one line per step, also printed at the
-# end), probe.txt, install.log / build.log, backend_info.txt, pytest_*.txt, gpu_model_check.txt,
-# gpu_ops.md, gpu_results.md, memcheck.txt. A failing step is reported and the script goes on.
+# end), probe.txt, install.log / build.log, backend_info.txt, pytest_*.txt, gpu_ops.md, gpu_results.md, memcheck.txt. A failing step is reported and the script goes on.
 # Without a CUDA device (a rehearsal) the CUDA tests skip themselves, the GPU-only steps are
 # reported as skipped, and the script still ends 0 if nothing failed.
 set -uo pipefail
@@ -37,12 +36,12 @@ PREBUILT_DIR="${PREBUILT_DIR:-.devcheck/prebuilt}"
 PY="${PYTHON:-$(command -v python > /dev/null && echo python || echo python3)}"  # the device's torch
 if [ "$QUICK" = 1 ]; then
   : "${T_VERSIONS:=10}" "${T_PROBE:=$([ "${PROBE:-0}" = 1 ] && echo 90 || echo 0)}" "${T_INSTALL:=30}"
-  : "${T_OPS:=45}" "${T_ERRORS:=0}" "${T_MODELS:=30}" "${T_MODEL_CHECK:=0}" "${T_OPBENCH:=0}"
+  : "${T_OPS:=45}" "${T_ERRORS:=0}" "${T_MODELS:=30}" "${T_OPBENCH:=0}"
   : "${T_BENCH:=65}" "${T_TOTAL:=180}"
   : "${BENCH_ARGS:=--models resnet50 --no-compile --budget 45}"
 else
   : "${T_VERSIONS:=10}" "${T_PROBE:=90}" "${T_INSTALL:=30}" "${T_OPS:=75}" "${T_ERRORS:=25}"
-  : "${T_MODELS:=40}" "${T_MODEL_CHECK:=35}" "${T_OPBENCH:=25}" "${T_BENCH:=90}" "${T_TOTAL:=420}"
+  : "${T_MODELS:=40}" "${T_OPBENCH:=25}" "${T_BENCH:=90}" "${T_TOTAL:=420}"
   : "${BENCH_ARGS:=--budget 60}"
 fi
 : "${T_BUILD:=240}"
@@ -161,18 +160,6 @@ model_tests="tests/test_fusion.py tests/test_native_ops.py"
 pytest_step model_tests "$T_MODELS" "$OUT/pytest_models_cuda.txt" $model_tests \
   -k "cuda and not errors and not bad_input and not mismatched_devices"
 
-if [ "$T_MODEL_CHECK" -gt 0 ]; then
-  step "CUDA model check: native (fused, unfused) vs hooks vs float64, channels_last, bf16 (timeout $T_MODEL_CHECK s)"
-  if [ "$HAVE_CUDA" = 1 ]; then
-    timeout "$T_MODEL_CHECK" "$PY" benchmarks/gpu_model_check.py > "$OUT/gpu_model_check.txt" 2>&1
-    rc=$?; tail -6 "$OUT/gpu_model_check.txt"
-    if [ "$rc" = 0 ]; then record model_check ok "see gpu_model_check.txt"
-    else record model_check FAILED "exit $rc; see gpu_model_check.txt"; fi
-  else
-    record model_check skipped "no CUDA device"
-  fi
-fi
-
 bench_step() {  # bench_step NAME TIMEOUT LOG TABLE CMD...: a table rewritten after each row
   local name="$1" t="$2" log="$3" table="$4"; shift 4
   if [ "$HAVE_CUDA" != 1 ]; then record "$name" skipped "no CUDA device"; return; fi
@@ -188,13 +175,13 @@ bench_step() {  # bench_step NAME TIMEOUT LOG TABLE CMD...: a table rewritten af
 if [ "$T_OPBENCH" -gt 0 ]; then
   step "per-op GPU benchmark: conv and BN rules vs torch's conv input gradient (timeout $T_OPBENCH s)"
   bench_step op_bench "$T_OPBENCH" "$OUT/bench_gpu_ops.log" "$OUT/gpu_ops.md" \
-    benchmarks/bench_gpu_ops.py --out "$OUT/gpu_ops.md"
+    benchmarks/bench.py --device cuda --bench ops --out "$OUT/gpu_ops.md"
 fi
 
 step "GPU benchmark (timeout $T_BENCH s; $BENCH_ARGS)"
 # shellcheck disable=SC2086
 bench_step bench "$T_BENCH" "$OUT/bench_gpu.log" "$OUT/gpu_results.md" \
-  benchmarks/bench_gpu.py $BENCH_ARGS --out "$OUT/gpu_results.md"
+  benchmarks/bench.py --device cuda --bench timing $BENCH_ARGS --out "$OUT/gpu_results.md"
 
 # compute-sanitizer memcheck of every CUDA op, only with time left within T_TOTAL
 step "compute-sanitizer memcheck of the CUDA ops"
@@ -211,7 +198,7 @@ elif [ -z "$SAN" ]; then record memcheck skipped "no compute-sanitizer found"
 elif [ "$t_san" -lt 20 ]; then record memcheck skipped "only ${t_san} s left of T_TOTAL=$T_TOTAL"
 else
   echo "timeout $t_san s, $SAN"
-  timeout "$t_san" "$SAN" --tool memcheck --error-exitcode 9 "$PY" benchmarks/memcheck_ops.py \
+  timeout "$t_san" "$SAN" --tool memcheck --error-exitcode 9 "$PY" benchmarks/bench.py --device cuda --bench memcheck \
     > "$OUT/memcheck.txt" 2>&1
   rc=$?; tail -4 "$OUT/memcheck.txt"
   if grep -qiE 'Device not supported|error 999|unsupported device' "$OUT/memcheck.txt"; then

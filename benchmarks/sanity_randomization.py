@@ -1,16 +1,18 @@
 """Cascading model-parameter randomisation sanity check (Adebayo et al. 2018) for TSGB and every
-baseline of ``tsgb_ext.baselines``, on the pretrained EfficientNet-Lite0 and real photos.
+baseline of ``tsgb_ext.evaluation.baselines``, on the pretrained EfficientNet-Lite0 and real
+photos.
 
     python benchmarks/sanity_randomization.py [--methods tsgb,gradient,...] [--stages N]
         [--json docs/sanity_randomization.json] [--plot docs/sanity_randomization.png]
 
 The 8 photos of ``benchmarks/make_photo_dir.py`` (JPEGs read back with
-``tsgb_ext.pipeline.ImageFileDataset`` at 224, as ``tsgb explain`` reads them) go through
-``tsgb_ext.metrics.model_randomization``: the model's Conv2d / Linear layers are re-initialised
-from the logits down (each from N(0, std^2) with its trained weight's std, seed 0, the same
-draws for every method), and after each step the method's |map| is compared with the trained
-model's |map| by Spearman rank correlation (mean over the photos; target fixed to the trained
-model's top-1). ``--stages`` N spreads N steps over the layers (default: one step per layer).
+``tsgb_ext.data.pipeline.ImageFileDataset`` at 224, as ``tsgb explain`` reads them) go through
+``tsgb_ext.evaluation.metrics.model_randomization``: the model's Conv2d / Linear layers are
+re-initialised from the logits down (each from N(0, std^2) with its trained weight's std, seed
+0, the same draws for every method), and after each step the method's |map| is compared with
+the trained model's |map| by Spearman rank correlation (mean over the photos; target fixed to
+the trained model's top-1). ``--stages`` N spreads N steps over the layers (default: one step
+per layer).
 
 Printed (and written to ``--json``, SSIM included): Spearman per step and method; the same
 cascade with each |map| first averaged over 2x2 pixel blocks (unless ``--no-pooled``); and
@@ -29,7 +31,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 
 import torch
@@ -39,17 +40,12 @@ sys.path.insert(0, HERE)
 
 
 def load_photos():
-    from make_photo_dir import write_photo_dir
-    from tsgb_ext import models, pipeline
-    lm = models.load_model("efficientnet-lite0")
-    with tempfile.TemporaryDirectory() as d:
-        write_photo_dir(d)
-        ds = pipeline.ImageFileDataset(pipeline.list_images([d]), lm.size)
-        items = [ds[i] for i in range(len(ds))]
-    rgb = torch.stack([it["image"] for it in items])
-    names = [os.path.splitext(os.path.basename(it["path"]))[0] for it in items]
-    x = (rgb - torch.tensor(lm.mean).view(1, 3, 1, 1)) / torch.tensor(lm.std).view(1, 3, 1, 1)
-    return lm.model.eval(), x.float().contiguous(), names
+    from _common import photo_batch
+    from tsgb_ext.data.models import load_model
+    lm = load_model("efficientnet-lite0")
+    batch, x = photo_batch(lm)
+    names = [os.path.splitext(os.path.basename(p))[0] for p in batch["path"]]
+    return lm.model.eval(), x, names
 
 
 class _Pooled2x2:
@@ -68,7 +64,7 @@ def fully_randomised(model, x, seed):
     """The model with every Conv2d / Linear re-initialised: the last step of
     ``metrics.model_randomization`` (same layers, same order, same generator, same draws)."""
     import copy
-    from tsgb_ext import metrics
+    from tsgb_ext.evaluation import metrics
     layers = metrics._param_layers_in_forward_order(model, x)[::-1]
     rnd = copy.deepcopy(model)
     mods = dict(rnd.named_modules())
@@ -115,7 +111,7 @@ def _table(title, results, methods):
 
 
 def main(argv=None) -> int:
-    from tsgb_ext import baselines, metrics
+    from tsgb_ext.evaluation import baselines, metrics
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(baselines.METHODS))
     p.add_argument("--stages", type=int, default=None,
