@@ -12,7 +12,7 @@
 #   T_PROBE              90      0    probe_check_abort.py (QUICK: skipped unless PROBE=1);
 #                                     the no-compiler cases first, then a ~40 s inline build
 #   T_INSTALL            30     30    Python part only + the carried .so (PREBUILT=1)
-#   T_OPS                75     45    CUDA op tests (test_op_kernels.py), bad-input tests apart
+#   T_OPS                75     45    CUDA op tests (tests/test_op_*.py), bad-input tests apart
 #   T_ERRORS             25      0    CUDA bad-input tests, in a process of their own
 #   T_MODELS             40     30    CUDA model tests (fusion, native ops, models)
 #   T_OPBENCH            25      0    bench.py --bench ops (per-op rule vs cuDNN input gradient)
@@ -143,18 +143,18 @@ import_check; cat "$OUT/backend_info.txt"
 step "CUDA op tests, bad-input tests apart (timeout $T_OPS s)"
 # *_errors / *bad_input tests run in a process of their own: on the torch 2.11 device image an
 # exception raised inside an extension op has crashed the process (2026-11 H200 run).
-# tests/test_op_kernels.py runs every op test on each device present; here the CUDA half.
-pytest_step op_tests "$T_OPS" "$OUT/pytest_cuda_ops.txt" tests/test_op_kernels.py \
-  -k "cuda and not errors and not bad_input"
+# tests/test_op_*.py run every op test on each device present; here the CUDA half.
+pytest_step op_tests "$T_OPS" "$OUT/pytest_cuda_ops.txt" tests/test_op_*.py \
+  -k "cuda and not errors and not bad_input and not mismatched_devices"
 
 if [ "$T_ERRORS" -gt 0 ]; then
   step "CUDA bad-input tests (timeout $T_ERRORS s)"
-  pytest_step bad_input "$T_ERRORS" "$OUT/pytest_cuda_errors.txt" tests/test_op_kernels.py \
-    tests/test_native_ops.py -k "(cuda and (errors or bad_input)) or mismatched_devices"
+  pytest_step bad_input "$T_ERRORS" "$OUT/pytest_cuda_errors.txt" tests/test_op_*.py \
+    -k "(cuda and (errors or bad_input)) or mismatched_devices"
 fi
 
 step "CUDA model tests: fusion, native ops, models vs hooks vs float64 (timeout $T_MODELS s)"
-model_tests="tests/test_fusion.py tests/test_native_ops.py"
+model_tests="tests/test_fusion.py tests/test_op_all.py"
 "$PY" -c "import torchvision" 2>/dev/null && model_tests="$model_tests tests/test_models.py"
 # shellcheck disable=SC2086
 pytest_step model_tests "$T_MODELS" "$OUT/pytest_models_cuda.txt" $model_tests \
