@@ -51,6 +51,7 @@ KINDS = {
     "amp": ("_accuracy.run_amp", "--amp maps against float32", False),
     "storage": ("_accuracy.run_storage", "Map storage dtypes", False),
     "maps": ("_accuracy.run_maps", "Map differences", True),
+    "targets": ("_targets.run_targets", "Many targets: factorised vs batched", True),
 }
 
 #: the defaults of unset options, per kind and device ("*": any device)
@@ -67,6 +68,7 @@ DEFAULTS = {
     ("host", "*"): dict(min_time=2.0),
     ("ops", "*"): dict(batch="8", dtype="fp16,fp32", repeats=5, warmup=3),
     ("amp", "*"): dict(backends="native,hooks"),
+    ("targets", "*"): dict(models="resnet50,vgg16", repeats=3),
 }
 BASE = dict(models="resnet50", batch="4", dtype="fp32", repeats=0, rows="", method="interleaved",
             min_time=0.25, warmup=2, backends="hooks,native")
@@ -117,6 +119,10 @@ def parser() -> argparse.ArgumentParser:
                    help="use inductor's on-disk cache (default: a fresh one per run)")
     g.add_argument("--timeout", type=float, default=900, help="memory: seconds per subprocess")
     g.add_argument("--child", help=argparse.SUPPRESS)
+    g = p.add_argument_group("targets")
+    g.add_argument("--targets", default="1,5,20,100,1000", help="comma list of T")
+    g.add_argument("--batched-max", type=int, default=100,
+                   help="time the batched path only up to this many targets")
     _kind_options(p)
     return p
 
