@@ -234,7 +234,7 @@ def test_pixel_classes_bad_arguments():
 
 class VggHead(nn.Module):
     """VGG's shape: conv -> ReLU -> 2x2 max pool -> flatten -> Linear -> ReLU -> Dropout ->
-    Linear -> ReLU -> classifier. From T = LAZY_LINEAR_MIN_T targets on, the Linear layers'
+    Linear -> ReLU -> classifier (70 classes). From T = LAZY_LINEAR_MIN_T targets on, the Linear layers'
     input gradients stay u @ W and the conv contracts u @ J (never T x C x H x W there)."""
 
     def __init__(self):
@@ -245,19 +245,19 @@ class VggHead(nn.Module):
         self.pool_out = nn.AdaptiveAvgPool2d((5, 5))
         self.head = nn.Sequential(nn.Linear(125, 40), nn.ReLU(inplace=True), nn.Dropout(),
                                   nn.Linear(40, 30), nn.ReLU(inplace=True), nn.Dropout(),
-                                  nn.Linear(30, 10))
+                                  nn.Linear(30, 70))
 
     def forward(self, x):
         y = self.pool(torch.relu(self.conv2(torch.relu(self.conv(x)))))
         return self.head(torch.flatten(self.pool_out(y), 1))
 
 
-@pytest.mark.parametrize("T", [3, 12])
+@pytest.mark.parametrize("T", [3, 64, 70])
 def test_lazy_linear_through_a_vgg_head(T):
     torch.manual_seed(0)
     m = VggHead().double().eval()
     x = torch.randn(3, 3, 10, 11, dtype=torch.float64)  # pool: 5x5 (odd width floors)
-    tgt = random_targets(3, T, 10, seed=T)
+    tgt = random_targets(3, T, 70, seed=T)
     ex = tsgb_ext.TSGB(m)
     got = ex.attribute(x, tgt)
     assert ex.last_path == "factorised"

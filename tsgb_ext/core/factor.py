@@ -543,13 +543,26 @@ def _lin_contract(lin, y: torch.Tensor) -> torch.Tensor:
     yg = yf.gather(2, pos.clamp_min(0).reshape(1, 1, -1).expand(N, K, -1)).view(N, K, P, D)
     hit = (flat_idx.unsqueeze(-1) == pos.view(1, 1, P, D)) & valid.view(1, 1, P, D)
     M = (yg * hit).permute(2, 1, 0, 3).reshape(P, K, N * D)        # (P, K, N*D)
-    Wpk = W.reshape(F_, K, P).permute(2, 0, 1)                      # (P, F, K), a view
-    J = torch.bmm(Wpk, M).view(P, F_, N, D).permute(2, 0, 1, 3)     # (N, P, F, D)
+    J = torch.bmm(_by_position(W, F_, K, P), M).view(P, F_, N, D).permute(2, 0, 1, 3)
     s_pd = torch.einsum("ntf,npfd->ntpd", u, J).reshape(N, T, P * D)
     s = y.new_zeros(N, T, H * Wd)
     s.scatter_add_(2, pos.clamp_min(0).reshape(1, 1, -1).expand(N, T, -1),
                    s_pd * valid.reshape(1, 1, -1))
     return s.view(N, T, H, Wd)
+
+
+#: W (F, K, P) of a Linear after a pool, as (P, F, K) contiguous, per weight version: the
+#: batched product over positions reads it at full speed (a strided view made it ~10x slower)
+_BY_POSITION: dict = {}
+
+
+def _by_position(W: torch.Tensor, F_: int, K: int, P: int) -> torch.Tensor:
+    key = (W.data_ptr(), W._version, tuple(W.shape), W.dtype, W.device, F_, K, P)
+    hit = _BY_POSITION.get(key)
+    if hit is None:
+        _BY_POSITION.clear()  # one weight at a time (a VGG16 fc1 copy is 411 MB)
+        hit = _BY_POSITION[key] = W.detach().reshape(F_, K, P).permute(2, 0, 1).contiguous()
+    return hit
 
 
 def _window_positions(geom, out_size, size, device):
@@ -936,8 +949,10 @@ _LAZY = {_bn, _relu_module, _relu_fn, _relu6_fn, _hardtanh_fn, _add, _identity_m
          _dropout_fn, _conv, _maxpool, _reshape, _flatten_module, _adaptive_module,
          _adaptive_fn}
 #: a non-classifier Linear's input gradient is kept as u @ W from this many targets on (the
-#: conv below then contracts u @ J: J costs about 4 single-target Linear backwards)
-LAZY_LINEAR_MIN_T = 8
+#: conv below then contracts u @ J; J costs about 4 single-target Linear backwards and, after
+#: a max pool, one copy of W by position, cached). Measured (VGG16 fc1, 2 CPU threads): the
+#: dense u @ W is cheaper below ~50 targets
+LAZY_LINEAR_MIN_T = 64
 _METHOD_RULES = {"add": _add, "add_": _add, "relu": _relu_fn, "relu_": _relu_fn,
                  "flatten": _reshape, "view": _reshape, "reshape": _reshape, "mean": _mean}
 
