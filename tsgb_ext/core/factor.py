@@ -909,7 +909,7 @@ def _fc_rule(rep: Rep, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     cd = torch.float64 if x.dtype == torch.float32 else x.dtype
     xc = x.to(cd)
     if rep.onehot is not None:
-        wt = weight.to(cd)[rep.onehot]  # (N, T, F)
+        wt = weight.detach()[rep.onehot].to(cd)  # (N, T, F): only the targets' rows
         wp, wn = wt.clamp_min(0), wt.clamp_max(0)
         zp = torch.einsum("ntf,nf->nt", wp, xc)
         azn = torch.einsum("ntf,nf->nt", wn, xc).abs()
