@@ -39,6 +39,10 @@ def check_close(model, x, tgt, got, want):
     assert err <= max(1e-9, F64_SPREAD_FACTOR * spread), (err, spread)
 
 
+def has_grouped_conv(model):
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+
+
 def random_targets(n, t, classes, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, classes, (n, t), generator=g)
@@ -52,9 +56,13 @@ def test_family_factorised_equals_single_target_maps(name):
                     generator=torch.Generator().manual_seed(3))
     tgt = random_targets(2, 3, 10, seed=len(name))
     tgt[1, 2] = tgt[1, 0]  # a class twice
-    ex = tsgb_ext.TSGB(m64)
+    ex = tsgb_ext.TSGB(m64)  # factorize="auto"
     got = ex.attribute(x, tgt)
     assert got.shape == (2, 3, size, size)
+    if has_grouped_conv(m64):  # "auto" keeps these on the batched backward; True forces
+        assert ex.last_path == "batched" and "grouped conv" in ex.factor_status
+        ex = tsgb_ext.TSGB(m64, factorize=True)
+        got = ex.attribute(x, tgt)
     if name in NOT_FACTORISED:
         assert ex.last_path == "batched" and NOT_FACTORISED[name] in ex.factor_status
     else:
@@ -127,7 +135,7 @@ def test_every_rule_form(T, size):
     m = zoo()
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     tgt = random_targets(2, T, 10, seed=size + T)
-    ex = tsgb_ext.TSGB(m)
+    ex = tsgb_ext.TSGB(m, factorize=True)  # "auto" declines the grouped conv c3
     got = ex.attribute(x, tgt)
     assert ex.last_path == "factorised", ex.factor_status
     want = single_target_maps(m, x, tgt)
@@ -154,9 +162,9 @@ def test_model_is_left_as_it_was_and_with_block():
     before = snapshot(m)
     x = torch.randn(2, 3, 29, 29, dtype=torch.float64)
     tgt = random_targets(2, 3, 10, seed=1)
-    out = tsgb_ext.TSGB(m).attribute(x, tgt)
+    out = tsgb_ext.TSGB(m, factorize=True).attribute(x, tgt)
     assert_same(before, snapshot(m))
-    with tsgb_ext.TSGB(m) as ex:
+    with tsgb_ext.TSGB(m, factorize=True) as ex:
         a = ex.attribute(x, tgt)
         b = ex.attribute(x, tgt)
         assert ex.last_path == "factorised"
@@ -266,3 +274,59 @@ def test_lazy_linear_through_a_vgg_head(T):
     lazy = T >= tsgb_ext.core.factor.LAZY_LINEAR_MIN_T
     assert (paths["pool"] == "lazy linear") == lazy
     assert (paths["head.0"] == "lazy linear") == lazy
+
+
+def test_auto_declines_grouped_convs_and_true_forces_them():
+    """factorize="auto" keeps a model with a grouped / depthwise conv on the batched backward
+    (measured slower factorised there: RESULTS.md), says why in report(); the maps are the
+    same either way, and pixel_classes follows the same choice."""
+    m = zoo()
+    x = torch.randn(2, 3, 29, 29, dtype=torch.float64)
+    tgt = random_targets(2, 4, 10, seed=11)
+    ex = tsgb_ext.TSGB(m)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "batched"
+    assert "c3 is a grouped conv (groups=4)" in ex.factor_status
+    assert "c3 is a grouped conv" in str(ex.report())
+    forced = tsgb_ext.TSGB(m, factorize=True)
+    assert rel_err(forced.attribute(x, tgt), got) <= 1e-9 and forced.last_path == "factorised"
+    ex.pixel_classes(x, k=1, chunk=5)
+    assert ex.last_path == "batched"
+    with tsgb_ext.TSGB(m) as inside:
+        assert rel_err(inside.attribute(x, tgt), got) <= 1e-12
+        assert inside.last_path == "batched" and "grouped conv" in inside.factor_status
+
+
+def test_explain_with_num_targets_takes_the_factorised_path_under_auto():
+    model, size = build("resnet18")
+    m64 = copy.deepcopy(model).double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    pick = lambda lg: lg.topk(3, 1).indices  # noqa: E731
+    ex = tsgb_ext.TSGB(m64)
+    want, t, _ = ex.explain(x, pick)
+    assert ex.last_path == "batched"  # T unknown before the forward: batched
+    got, t2, _ = ex.explain(x, pick, num_targets=3)
+    assert ex.last_path == "factorised" and torch.equal(t, t2)
+    assert rel_err(got, want) <= 1e-9
+    ex.explain(x, lambda lg: lg.argmax(1, keepdim=True), num_targets=1)
+    assert ex.last_path == "batched"  # auto: one target stays batched
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="num_targets must be a positive int"):
+            ex.explain(x, pick, num_targets=bad)
+
+
+def test_pipeline_tells_explain_how_many_targets():
+    from tsgb_ext.data import pipeline
+    model, size = build("resnet18")
+    m64 = copy.deepcopy(model).double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    ex = tsgb_ext.TSGB(m64)
+    (res,) = pipeline.explain_batches(ex, [x], top_k=3)
+    assert ex.last_path == "factorised" and res.maps.shape == (2, 3, size, size)
+    (again,) = pipeline.explain_batches(ex, [x], target=[4, 1])
+    assert ex.last_path == "factorised"
+    assert rel_err(again.maps, single_target_maps(m64, x, torch.tensor([[4, 1]] * 2))) <= 1e-9
+    pipeline.explain_batches(ex, [x], target="top1").__next__()
+    assert ex.last_path == "batched"
+    assert pipeline._num_targets(lambda meta, lg: [[1]], None) is None
+    assert pipeline._num_targets(7, None) == 1 and pipeline._num_targets([1, 2], 5) == 5

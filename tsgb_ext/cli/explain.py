@@ -527,8 +527,9 @@ def _explain_loop(job: _Job, mine, tally: _Tally) -> bool:
     try:
         # one conversion for the whole run (the command owns the model), so the native
         # backend also reuses the CPU activation memory from batch to batch
-        many = (top_k or 0) >= 2 or len(job.v["ids"] or ()) >= 2
-        with TSGB(model, backend=job.backend, factorize=True if many else "auto") as ex:
+        # factorize="auto": the factorised backward for two or more targets per image
+        # (the pipeline tells explain how many), the batched one for models it suits better
+        with TSGB(model, backend=job.backend) as ex:
             for res in pipeline.explain_batches(ex, dl, target=target, top_k=top_k, device=dev,
                                                 amp=args.amp, mean=job.mean, std=job.std):
                 if args.pixel_classes:

@@ -58,8 +58,9 @@ class TSGB:
         factorize: compute the maps of many targets by the factorised backward
             (:mod:`tsgb_ext.core.factor`: per-target work on single-channel maps and channel
             vectors, the target-independent work once; the same maps). ``"auto"`` (default):
-            for ``attribute`` with an (N, T) target, T >= 2, float32/float64 input, no
-            ``compile``; ``True``: also for one target and for ``explain``; ``False``: never.
+            for ``attribute`` with an (N, T) target and ``explain(..., num_targets=T)``,
+            T >= 2, float32/float64 input, no ``compile``, on models without grouped /
+            depthwise convs (measured slower there); ``True``: for every call; ``False``: never.
             Models it cannot take (untraceable, hooks, rule-layer subclasses with their own
             forward, ...) use the batched backward; ``report()`` says which path each node
             took and why.
@@ -196,16 +197,21 @@ class TSGB:
     __call__ = attribute
 
     def explain(self, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor],
-                amp_dtype: Optional[torch.dtype] = None
+                amp_dtype: Optional[torch.dtype] = None, num_targets: Optional[int] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Maps for targets chosen from this very forward pass (for pipelines, top-k, ...).
 
         ``select(logits)`` gets the detached (N, classes) scores and returns an (N, T) int64
-        tensor of classes. ``amp_dtype`` autocasts the forward pass only. Returns
+        tensor of classes. ``amp_dtype`` autocasts the forward pass only. ``num_targets``: the
+        T that ``select`` will return, when the caller knows it before the forward (lets
+        ``factorize="auto"`` take the factorised backward for T >= 2, as ``attribute`` with an
+        (N, T) target does; None: the batched backward unless ``factorize=True``). Returns
         ``(maps (N, T, H, W), targets (N, T), logits (N, classes))``, all from one forward.
         """
         check_call(x)
-        return self._explain(x, select, amp_dtype)
+        if num_targets is not None:
+            num_targets = _positive_int("num_targets", num_targets)
+        return self._explain(x, select, amp_dtype, targets_hint=num_targets)
 
     def relevance(self, x: torch.Tensor,
                   target: Union[TargetLike, Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -305,10 +311,21 @@ class TSGB:
         return maps, tgt, logits
 
     def _has_plan(self, in_block: bool) -> bool:
+        """Whether the factorised path runs: the model has a plan and, under ``"auto"``, no
+        reason to prefer the batched backward (grouped convs: :attr:`FactorPlan.auto_reason`)."""
         if in_block:
-            return self._factor_plan is not None
-        with self._factor_hold(False) as plan:
-            return plan is not None
+            plan = self._factor_plan
+        else:
+            with self._factor_hold(False) as plan:
+                pass
+        if plan is None:
+            return False
+        if self.factorize == "auto" and plan.auto_reason is not None:
+            self.factor_status = (f"factorize='auto' uses the batched backward: "
+                                  f"{plan.auto_reason} (factorize=True forces the factorised "
+                                  f"path)")
+            return False
+        return True
 
     def pixel_classes(self, x: torch.Tensor, classes=None, k: int = 1, chunk: int = 64
                       ) -> Tuple[torch.Tensor, torch.Tensor]:

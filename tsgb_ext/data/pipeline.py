@@ -150,18 +150,34 @@ def _select(target: TargetSpec, top_k: Optional[int], meta: Dict[str, Any], logi
     return t.to(dev), valid.to(dev)
 
 
-def _attribute_select(ex: TSGB, x: torch.Tensor, select, amp_dtype=None
+def _num_targets(target: TargetSpec, top_k: Optional[int]) -> Optional[int]:
+    """T, where the target spec fixes it before the forward (None: known only from it)."""
+    if top_k is not None:
+        return top_k
+    if target is None or isinstance(target, (str, int)):
+        return 1 if target is None or target == "top1" or isinstance(target, int) else None
+    if callable(target):
+        return None
+    try:
+        return max(1, len(target))
+    except TypeError:  # not sized: _select reports it
+        return None
+
+
+def _attribute_select(ex: TSGB, x: torch.Tensor, select, amp_dtype=None,
+                      num_targets: Optional[int] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like ``ex.attribute(x, target)`` with the targets chosen from this very forward pass:
     ``select(logits) -> ((N, T) ids, (N, T) valid)``. Returns maps, ids, valid, logits.
     ``amp_dtype``: autocast the forward pass (only: the TSGB rules then run on its saved
-    low-precision activations, outside autocast)."""
+    low-precision activations, outside autocast). ``num_targets``: T when known in advance
+    (lets ``factorize="auto"`` choose the factorised backward)."""
     chosen = {}
 
     def pick(logits):
         chosen["tgt"], chosen["valid"] = select(logits)
         return chosen["tgt"]
-    maps, tgt, logits = ex.explain(x, pick, amp_dtype)
+    maps, tgt, logits = ex.explain(x, pick, amp_dtype, num_targets=num_targets)
     return maps, tgt, chosen["valid"], logits
 
 
@@ -241,8 +257,9 @@ def explain_batches(model_or_explainer: Union[torch.nn.Module, TSGB], batches: I
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="tsgb_ext: using the pure-PyTorch")
-            maps, tgt, valid, logits = _attribute_select(ex, x, select,
-                                                         AMP_DTYPES[amp] if amp else None)
+            maps, tgt, valid, logits = _attribute_select(
+                ex, x, select, AMP_DTYPES[amp] if amp else None,
+                None if target == "batch" else _num_targets(target, top_k))
         probs = torch.softmax(logits.float(), 1)
         scores = probs.gather(1, tgt)
         yield ExplainedBatch(maps, tgt, scores, valid, meta, ex.last_backend or "", x0)
