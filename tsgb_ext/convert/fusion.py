@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .calls import bind_conv2d, conv_args, pair
-from .layer_map import overrides
+from .layer_map import overrides, own_forward
 
 # ---- conv -> BN -> activation fusion (traced graph) ------------------------------------------
 _ACT_MODULES = {nn.ReLU: 1, nn.ReLU6: 2}
@@ -86,10 +86,69 @@ class _Tracer(fx.Tracer):
 _MISSING = object()
 
 
-def trace_graph(model: nn.Module) -> fx.Graph:
+class _RuleTracer(_Tracer):
+    """A :class:`_Tracer` that traces into the own ``forward`` of rule-layer subclasses
+    (timm's ``BatchNormAct2d``, a static "same"-padding conv, weight standardisation, ...)
+    instead of keeping them as leaves: every node made while such a forward is traced carries
+    ``meta["tsgb_rule"]``, the module's qualified name, so that the layer's functional call
+    (``conv2d``, ``batch_norm``, ``avg_pool2d``) can take the rule the conversion routes it to
+    (:mod:`tsgb_ext.convert.routing`), and everything else the forward does keeps its own
+    gradient."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, _RULE_LEAVES) and own_forward(m):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+    def trace(self, root: nn.Module, concrete_args=None) -> fx.Graph:  # noqa: D102
+        self._inside: list = []
+        undo = [self._tagging(m, name) for name, m in root.named_modules()
+                if m is not root and isinstance(m, _RULE_LEAVES) and own_forward(m)]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for u in reversed(undo):
+                u()
+
+    def create_node(self, *args, **kwargs):  # noqa: D102
+        node = super().create_node(*args, **kwargs)
+        if self._inside:
+            node.meta["tsgb_rule"] = self._inside[-1]
+        return node
+
+    def _tagging(self, m: nn.Module, name: str) -> Callable[[], None]:
+        """m's instance forward while tracing: its own forward, with ``name`` on the stack of
+        rule layers being traced (only for a call with a proxy)."""
+        old = m.__dict__.get("forward", _MISSING)
+        run, inside = m.forward, self._inside
+
+        def forward(*args, **kwargs):
+            if not any(isinstance(a, fx.Proxy) for a in _leaves((args, kwargs))):
+                return run(*args, **kwargs)
+            inside.append(name)
+            try:
+                return run(*args, **kwargs)
+            finally:
+                inside.pop()
+        m.__dict__["forward"] = forward
+
+        def undo():
+            if old is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = old
+        return undo
+
+
+_RULE_LEAVES = (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Linear)
+
+
+def trace_graph(model: nn.Module, into_own_forward: bool = False) -> fx.Graph:
     """The model's torch.fx graph, traced without process-wide patches (see ``_Tracer``):
-    Conv2d, BatchNorm2d, AvgPool2d, Linear and torch.nn's own modules are leaves."""
-    return _Tracer().trace(model)
+    Conv2d, BatchNorm2d, AvgPool2d, Linear and torch.nn's own modules are leaves;
+    ``into_own_forward``: rule-layer subclasses with their own forward are traced into, their
+    nodes tagged (``_RuleTracer``)."""
+    return (_RuleTracer() if into_own_forward else _Tracer()).trace(model)
 
 
 def _leaves(tree):

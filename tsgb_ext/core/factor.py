@@ -36,9 +36,13 @@ another order) and never slower in passes than the batched backward.
 
 The forward is the model's own, computed node by node from the graph (no autograd, nothing
 saved but the node outputs); the model is not converted. :func:`plan_for` traces once per
-module tree; a model this cannot handle (untraceable, hooks, a rule layer whose subclass has its
-own forward, a Conv2d with non-zero padding mode or ``padding="same"``) gets ``None`` and the
-explainer uses its batched backward.
+module tree, into the own ``forward`` of rule-layer subclasses (timm's ``BatchNormAct2d``,
+EfficientNet-Lite's static "same"-padding conv, weight standardisation): their ``conv2d``,
+``batch_norm`` and ``avg_pool2d`` calls take the rules, as the conversion routes them, and a
+zero padding (``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad2d(.., 0)``) crops the terms. A
+model this cannot handle (untraceable, e.g. a padding computed with ``math`` from the input's
+size; hooks; a Linear subclass with its own forward; a Conv2d with non-zero padding mode or
+``padding="same"``) gets ``None`` and the explainer uses its batched backward.
 """
 from __future__ import annotations
 
@@ -52,6 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input
 
+from ..convert.calls import (BN_DEFAULTS, BN_NAMES, POOL_DEFAULTS, POOL_NAMES, bind,
+                             bind_conv2d)
 from ..convert.fusion import module_fingerprint, trace_graph
 from ..convert.layer_map import own_forward
 
@@ -255,6 +261,10 @@ def _grouped_conv(modules: Dict[str, nn.Module], nodes) -> Optional[str]:
         m = modules.get(n.target) if n.op == "call_module" else None
         if isinstance(m, nn.Conv2d) and m.groups > 1:
             return f"{n.target} is a grouped conv (groups={m.groups})"
+        if n.op == "call_function" and n.target is torch.conv2d and n.meta.get("tsgb_rule"):
+            groups = bind_conv2d(n.args, n.kwargs)["groups"]
+            if groups != 1:
+                return f"{n.meta['tsgb_rule']} is a grouped conv (groups={groups})"
     return None
 
 
@@ -263,8 +273,8 @@ def _unsupported(model: nn.Module) -> Optional[str]:
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(
                 m, "_backward_pre_hooks", None):
             return f"{name or 'the model'} has hooks"
-        if isinstance(m, _RULE_TYPES) and own_forward(m):
-            return f"{name} ({type(m).__name__}) has its own forward"
+        if isinstance(m, nn.Linear) and own_forward(m):
+            return f"{name} ({type(m).__name__}) is a Linear with its own forward"
         if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
             return f"{name}: padding {m.padding!r} / padding_mode {m.padding_mode!r}"
         if isinstance(m, nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
@@ -282,13 +292,14 @@ def plan_for(model: nn.Module, cache: dict) -> Tuple[Optional[FactorPlan], str]:
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
     why = ("the model has an instance forward" if "forward" in model.__dict__
+           else "the model is itself a rule layer" if isinstance(model, _RULE_TYPES)
            else _unsupported(model))
     plan = None
     if why is None:
         training = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            plan = FactorPlan(model, trace_graph(model))
+            plan = FactorPlan(model, trace_graph(model, into_own_forward=True))
             why = "traced"
         except Exception as exc:  # noqa: BLE001 - any trace failure means: the batched path
             why = f"torch.fx could not trace it ({type(exc).__name__}: {exc})"
@@ -621,14 +632,18 @@ def _contract(rep: Rep, y: torch.Tensor) -> torch.Tensor:
 
 
 def _conv(w: _Backward, node, m: nn.Conv2d, rep: Rep):
+    _conv_rule(w, node, rep, m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _conv_rule(w: _Backward, node, rep: Rep, k, stride, padding, dilation, groups):
+    """The TSGB conv rule at ``node`` (input ``node.args[0]``) for this window geometry."""
     x, y = w.env[node.args[0]], w.env[node]
-    k = m.kernel_size
     N, C, H, W = x.shape
-    ones = x.new_ones((1, 1) + tuple(k))
-    if m.groups == 1:
+    ones = x.new_ones((1, 1) + _pair(k))
+    if groups == 1:
         w.mark(node, "factorised" if rep.dense is None else "dense")
         s = _contract(rep, y if rep.pend is None else w._mul(rep.pend, y))
-        geom = (tuple(k), tuple(m.stride), tuple(m.padding), tuple(m.dilation))
+        geom = (_pair(k), _pair(stride), _pair(padding), _pair(dilation))
         d = w.cached(("boxsum", node), lambda: _box_sum(x, ones, geom))
         r = s / d
         t = _spread(r, geom, (H, W))
@@ -637,10 +652,10 @@ def _conv(w: _Backward, node, m: nn.Conv2d, rep: Rep):
     w.mark(node, "dense")
     G = w.resolve(rep).materialise()
     T, K = G.shape[1], G.shape[2]
-    wk = x.new_ones((K, C // m.groups) + tuple(k))
-    D = F.conv2d(x.abs(), wk, None, m.stride, m.padding, m.dilation, m.groups)
+    wk = x.new_ones((K, C // groups) + _pair(k))
+    D = F.conv2d(x.abs(), wk, None, stride, padding, dilation, groups)
     R = (G * (y / (D + EPS)).unsqueeze(1)).reshape(N * T, K, *G.shape[3:])
-    t = conv2d_input((N * T, C, H, W), wk, R, m.stride, m.padding, m.dilation, m.groups)
+    t = conv2d_input((N * T, C, H, W), wk, R, stride, padding, dilation, groups)
     w.send(node.args[0], Rep(t.reshape(N, T, C, H, W) * torch.sign(x).unsqueeze(1)))
 
 
@@ -784,13 +799,22 @@ def _maxpool(w: _Backward, node, m: nn.MaxPool2d, rep: Rep):
 
 
 def _avgpool(w: _Backward, node, m: nn.AvgPool2d, rep: Rep):
+    _avgpool_rule(w, node, rep, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                  m.count_include_pad, m.divisor_override)
+
+
+def _avgpool_rule(w: _Backward, node, rep: Rep, kernel_size, stride, padding, ceil_mode,
+                  count_include_pad, divisor_override):
+    """The TSGB AvgPool2d rule at ``node`` (the same stencil as its ordinary gradient)."""
     x, y = w.env[node.args[0]], w.env[node]
     H, W = x.shape[2:]
-    geom = (_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding), (1, 1))
+    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+        stride = kernel_size
+    geom = (_pair(kernel_size), _pair(stride), _pair(padding), (1, 1))
     ones = x.new_ones((1, 1, H, W))
-    a = F.avg_pool2d(ones, m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                     m.count_include_pad, m.divisor_override)
-    n = F.avg_pool2d(ones, m.kernel_size, m.stride, m.padding, m.ceil_mode, True, 1)
+    a = F.avg_pool2d(ones, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
+    n = F.avg_pool2d(ones, kernel_size, stride, padding, ceil_mode, True, 1)
     f = a / n.clamp_min(1)  # 1 / divisor of each window
     yf = y * f
 
@@ -947,21 +971,115 @@ def _dropout_fn(w, node, rep):
     w.send(node.args[0], rep)
 
 
+# ---- functional calls inside a rule layer's own forward (tagged by the tracer), padding ----
+def _rule_module(w: _Backward, node, base: type):
+    """The rule layer of type ``base`` whose own forward made this call, or None."""
+    name = node.meta.get("tsgb_rule")
+    m = w.plan.modules.get(name) if name is not None else None
+    return m if isinstance(m, base) else None
+
+
+def _as_module_path(w: _Backward, node) -> None:
+    """Report the routed call under its module's name (as the batched path's report does)."""
+    w.paths[node.meta["tsgb_rule"]] = w.paths.pop(node.name)
+
+
+def _routed_conv(w, node, rep):
+    """conv2d in a Conv2d subclass's own forward: the conv rule (it needs only the window
+    geometry, the input and the output: a derived weight, as weight standardisation makes,
+    takes it too). Elsewhere conv2d keeps its ordinary gradient, as in the batched path."""
+    b = bind_conv2d(node.args, node.kwargs)
+    x = w.val(b["input"])
+    if _rule_module(w, node, nn.Conv2d) is None or not isinstance(x, torch.Tensor) \
+            or x.dim() != 4:
+        return False
+    pad = b["padding"]
+    if isinstance(pad, str):
+        if pad != "valid":
+            raise NotFactorisable(f"{node.meta['tsgb_rule']}: conv2d padding={pad!r}")
+        pad = 0
+    _conv_rule(w, node, rep, w.val(b["weight"]).shape[2:], b["stride"], pad,
+               b["dilation"], b["groups"])
+    _as_module_path(w, node)
+
+
+def _routed_bn(w, node, rep):
+    """batch_norm in a BatchNorm2d subclass's own forward (timm's BatchNormAct2d): the BN
+    rule, ``y / (x + eps)``, whatever statistics it normalised with."""
+    b = bind(BN_NAMES, BN_DEFAULTS, node.args, node.kwargs)
+    x = w.val(b["input"])
+    if _rule_module(w, node, nn.BatchNorm2d) is None or not isinstance(x, torch.Tensor) \
+            or x.dim() != 4:
+        return False
+    _bn(w, node, None, rep)
+    _as_module_path(w, node)
+
+
+def _routed_avgpool(w, node, rep):
+    """avg_pool2d in an AvgPool2d subclass's own forward (timm's AvgPool2dSame)."""
+    b = bind(POOL_NAMES, POOL_DEFAULTS, node.args, node.kwargs)
+    x = w.val(b["input"])
+    if _rule_module(w, node, nn.AvgPool2d) is None or not isinstance(x, torch.Tensor) \
+            or x.dim() != 4:
+        return False
+    _avgpool_rule(w, node, w.resolve(rep), b["kernel_size"], b["stride"], b["padding"],
+                  b["ceil_mode"], b["count_include_pad"], b["divisor_override"])
+    _as_module_path(w, node)
+
+
+def _crop(w: _Backward, node, rep: Rep, pad) -> Optional[bool]:
+    """Zero padding of the last two dims (``pad`` = (left, right, top, bottom), all >= 0): its
+    gradient is the crop, applied to every term's target-independent factor and per-target
+    map (and to a materialised gradient), so the terms stay terms."""
+    x = w.env[node.args[0]]
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or len(pad) not in (2, 4) \
+            or any(p < 0 for p in pad):
+        return False
+    l, r, t, b = (tuple(pad) + (0, 0))[:4]
+    H, W = w.env[node].shape[2:]
+    sl = (Ellipsis, slice(t, H - b), slice(l, W - r))
+
+    def cut(a):
+        return None if a is None else a[sl]
+    w.mark(node, "factorised" if rep.dense is None else "dense")
+    w.send(node.args[0], Rep(cut(rep.dense), [(cut(A), cut(v)) for A, v in rep.sp],
+                             [(cut(A), v) for A, v in rep.ch]))
+    return None
+
+
+def _pad_fn(w, node, rep):
+    args = list(node.args) + [None] * 4
+    pad = node.kwargs.get("pad", args[1])
+    mode = node.kwargs.get("mode", args[2] if args[2] is not None else "constant")
+    value = node.kwargs.get("value", args[3])
+    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (list, tuple)):
+        return False
+    return _crop(w, node, rep, [int(p) for p in pad])
+
+
+def _pad_module(w, node, m, rep):
+    if isinstance(m, nn.ConstantPad2d) and m.value != 0:
+        return False
+    return _crop(w, node, rep, list(m.padding))
+
+
 _MODULE_RULES = {nn.Conv2d: _conv, nn.BatchNorm2d: _bn, nn.ReLU: _relu_module,
                  nn.ReLU6: _relu_module, nn.MaxPool2d: _maxpool, nn.AvgPool2d: _avgpool,
                  nn.AdaptiveAvgPool2d: _adaptive_module, nn.Linear: _linear,
-                 nn.Flatten: _flatten_module}
+                 nn.Flatten: _flatten_module, nn.ZeroPad2d: _pad_module,
+                 nn.ConstantPad2d: _pad_module}
 for _t in _PASS_MODULES:
     _MODULE_RULES[_t] = _identity_module
 _FUNCTION_RULES = {operator.add: _add, operator.iadd: _add, torch.add: _add, torch.cat: _cat,
                    torch.flatten: _reshape, torch.relu: _relu_fn, torch.relu_: _relu_fn,
                    F.relu: _relu_fn, F.relu_: _relu_fn, F.relu6: _relu6_fn,
                    F.hardtanh: _hardtanh_fn, F.adaptive_avg_pool2d: _adaptive_fn,
-                   torch.mean: _mean, F.dropout: _dropout_fn}
+                   torch.mean: _mean, F.dropout: _dropout_fn, torch.conv2d: _routed_conv,
+                   F.batch_norm: _routed_bn, F.avg_pool2d: _routed_avgpool, F.pad: _pad_fn}
 #: handlers that take a Rep with a pending factor (the rest get it multiplied in first)
 _LAZY = {_bn, _relu_module, _relu_fn, _relu6_fn, _hardtanh_fn, _add, _identity_module,
          _dropout_fn, _conv, _maxpool, _reshape, _flatten_module, _adaptive_module,
-         _adaptive_fn}
+         _adaptive_fn, _routed_conv, _routed_bn}
 #: a non-classifier Linear's input gradient is kept as u @ W from this many targets on (the
 #: conv below then contracts u @ J; J costs about 4 single-target Linear backwards and, after
 #: a max pool, one copy of W by position, cached). Measured (VGG16 fc1, 2 CPU threads): the
