@@ -494,3 +494,64 @@ def test_bundled_efficientnet_lite0_factorised():
     auto = tsgb_ext.TSGB(m)
     auto.attribute(x, tgt)
     assert auto.last_path == "batched" and "_depthwise_conv is a grouped conv" in auto.factor_status
+
+
+# ---- depthwise convs: a per-channel stencil ----------------------------------------------------
+class DepthwiseNet(nn.Module):
+    """MobileNet's inverted residual shapes: pointwise -> BN -> ReLU6 -> depthwise (3x3,
+    stride 1 and 2; 5x5 dilated; 2x2 stride 2, windows not overlapping) -> pointwise, with a
+    residual addition; the last conv a depthwise one below the global pool (a channel
+    term)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dw1 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.pw1 = nn.Conv2d(8, 8, 1)
+        self.dw2 = nn.Conv2d(8, 8, 5, stride=2, padding=4, dilation=2, groups=8, bias=False)
+        self.pw2 = nn.Conv2d(8, 12, 1)
+        self.dw3 = nn.Conv2d(12, 12, 2, stride=2, groups=12)
+        self.pw3 = nn.Conv2d(12, 12, 1)
+        self.dw4 = nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        y = F.relu6(self.stem(x))
+        y = y + self.pw1(F.relu6(self.bn1(self.dw1(y))))
+        y = F.relu(self.pw2(F.relu(self.dw2(y))))
+        y = F.relu(self.pw3(F.relu6(self.dw3(y))))
+        return self.fc(F.relu(self.dw4(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("T", [2, 12, 30])
+def test_depthwise_convs_keep_the_terms(T):
+    torch.manual_seed(0)
+    m = DepthwiseNet()
+    with torch.no_grad():
+        m.bn1.running_mean.uniform_(-0.2, 0.2)
+        m.bn1.running_var.uniform_(0.5, 1.5)
+    m = m.double().eval()
+    x = torch.randn(2, 3, 37, 42, dtype=torch.float64)
+    tgt = random_targets(2, T, 10, seed=T)
+    ex = tsgb_ext.TSGB(m, factorize=True)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised", ex.factor_status
+    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
+    paths = ex.report().paths
+    assert paths["dw4"] == paths["dw3"] == "factorised"  # a channel term; non-overlapping
+    # one term per window offset within the budget of T - 1 terms (9 for 3x3, 25 for 5x5)
+    assert paths["dw1"] == ("factorised" if T > 9 else "dense")
+    assert paths["dw2"] == ("factorised" if T > 25 else "dense")
+
+
+def test_mobilenet_v2_depthwise_terms_equal_single_target_maps():
+    model, size = build("mobilenet_v2")
+    m64 = copy.deepcopy(model).double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    tgt = random_targets(2, 12, 10, seed=9)
+    ex = tsgb_ext.TSGB(m64, factorize=True)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised"
+    assert "factorised" in {p for k, p in ex.report().paths.items() if k.endswith(".1.0")}
+    check_close(m64, x, tgt, got, single_target_maps(m64, x, tgt))

@@ -649,14 +649,66 @@ def _conv_rule(w: _Backward, node, rep: Rep, k, stride, padding, dilation, group
         t = _spread(r, geom, (H, W))
         w.send(node.args[0], Rep(sp=[(w.sign(node.args[0]), t.unsqueeze(2))]))
         return
+    geom = (_pair(k), _pair(stride), _pair(padding), _pair(dilation))
+    rep = w.resolve(rep)
+    if groups == C == y.shape[1] and (rep.sp or rep.ch):
+        _depthwise(w, node, rep, geom)
+        return
     w.mark(node, "dense")
-    G = w.resolve(rep).materialise()
+    w.send(node.args[0], Rep(_grouped_dense(w, node, rep.materialise(), geom, groups)))
+
+
+def _grouped_dense(w: _Backward, node, G, geom, groups) -> torch.Tensor:
+    """The grouped conv rule on a materialised gradient G (N, T, K, Ho, Wo): per group, the
+    box sum over its input channels, one transposed conv batched over the targets."""
+    x, y = w.env[node.args[0]], w.env[node]
+    N, C, H, W = x.shape
     T, K = G.shape[1], G.shape[2]
-    wk = x.new_ones((K, C // groups) + _pair(k))
-    D = F.conv2d(x.abs(), wk, None, stride, padding, dilation, groups)
-    R = (G * (y / (D + EPS)).unsqueeze(1)).reshape(N * T, K, *G.shape[3:])
+    k, stride, padding, dilation = geom
+    wk = x.new_ones((K, C // groups) + k)
+    D = w.cached(("gbox", node), lambda: F.conv2d(x.abs(), wk, None, stride, padding,
+                                                    dilation, groups) + EPS)
+    R = (G * (y / D).unsqueeze(1)).reshape(N * T, K, *G.shape[3:])
     t = conv2d_input((N * T, C, H, W), wk, R, stride, padding, dilation, groups)
-    w.send(node.args[0], Rep(t.reshape(N, T, C, H, W) * torch.sign(x).unsqueeze(1)))
+    return t.reshape(N, T, C, H, W) * w.sign(node.args[0]).unsqueeze(1)
+
+
+def _depthwise(w: _Backward, node, rep: Rep, geom) -> None:
+    """A depthwise conv (groups == C_in == C_out): the rule is per channel, a stencil like
+    AvgPool's: gx = sign(x) * spread(g * q), q = y / (D + eps) with D the channel's box sum
+    of |x| (target-independent). So a channel term stays one channel term; a spatial term
+    ``A * b`` becomes one term per window offset (``sign(x) * A q`` placed at that offset,
+    ``b`` shifted with it), or one term if the windows do not overlap; past the term budget
+    the spatial terms are materialised and take the dense rule."""
+    x = w.env[node.args[0]]
+    N, C, H, W = x.shape
+    y = w.env[node]
+    offs = _offsets(geom[0])
+    D = w.cached(("gbox", node), lambda: F.conv2d(
+        x.abs(), x.new_ones((C, 1) + geom[0]), None, geom[1], geom[2], geom[3], C) + EPS)
+    q = w.cached(("dwq", node), lambda: y / D)
+    sgn = w.sign(node.args[0])
+    out = Rep()
+    overlap = _overlaps(geom)
+    dense = rep.dense
+    if rep.sp and overlap and len(rep.sp) * len(offs) + len(rep.ch) > w.max_terms:
+        extra = Rep(sp=rep.sp).materialise()
+        dense = extra if dense is None else dense + extra
+    else:
+        for A, b in rep.sp:
+            P = q if A is None else A * q
+            if not overlap:
+                out.sp.append((sgn * _spread(P, geom, (H, W)),
+                               sum(_place(b, dl, geom, (H, W)) for dl in offs)))
+                continue
+            for dl in offs:
+                out.sp.append((sgn * _place(P, dl, geom, (H, W)), _place(b, dl, geom, (H, W))))
+    for A, v in rep.ch:
+        out.ch.append((sgn * _spread(q if A is None else A * q, geom, (H, W)), v))
+    if dense is not None:
+        out.dense = _grouped_dense(w, node, dense, geom, C)
+    w.mark(node, "factorised" if out.dense is None else "dense")
+    w.send(node.args[0], out)
 
 
 def _sign(self, src):
