@@ -556,3 +556,74 @@ def test_mobilenet_v2_depthwise_terms_equal_single_target_maps():
     assert ex.last_path == "factorised"
     assert "factorised" in {p for k, p in ex.report().paths.items() if k.endswith(".1.0")}
     check_close(m64, x, tgt, got, single_target_maps(m64, x, tgt))
+
+
+# ---- ops without a rule whose ordinary gradient keeps the terms -------------------------------
+class SqueezeExciteNet(nn.Module):
+    """EfficientNet's block: SiLU / hard-swish activations (modules, functions, methods, an
+    in-place one) and a squeeze-excitation gate ``x * sigmoid(fc(gap(x)))``, times a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.act = nn.SiLU(inplace=True)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.gate = nn.Hardsigmoid()
+        self.pw = nn.Conv2d(8, 12, 1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        y = self.act(self.stem(x))
+        y = F.hardswish(self.dw(y))
+        s = F.adaptive_avg_pool2d(y, 1)
+        s = torch.sigmoid(self.fc2(F.silu(self.fc1(s)))) * self.gate(s)
+        y = self.pw(y * s * 0.5)
+        y = F.gelu(y).tanh() * y.sigmoid()
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("T", [2, 12])
+def test_elementwise_and_squeeze_excitation_keep_the_terms(T):
+    torch.manual_seed(0)
+    m = SqueezeExciteNet().double().eval()
+    x = torch.randn(2, 3, 25, 30, dtype=torch.float64)
+    tgt = random_targets(2, T, 10, seed=T)
+    ex = tsgb_ext.TSGB(m, factorize=True)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised", ex.factor_status
+    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
+    paths = ex.report().paths
+    assert "autograd" not in paths.values(), paths
+    if T == 12:  # (T = 2: the gate's second term is past the budget of T - 1 terms)
+        # mul_1 is y * s (the gate); "mul", inside the gate, is on a dense (N, T, C, 1, 1)
+        assert paths["act"] == paths["hardswish"] == paths["mul_1"] == "factorised", paths
+
+
+class ActivatedLogits(nn.Module):
+    """An activation after the classifier: the gradient at the classifier is no longer the
+    one-hot of the targets (a ReLU zeroes negative logits' maps; a sigmoid scales them)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc = nn.Linear(6, 10)
+        self.out = act
+
+    def forward(self, x):
+        return self.out(self.fc(F.relu(self.conv(x)).mean((2, 3))))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.Sigmoid()], ids=["relu", "sigmoid"])
+def test_activation_after_the_classifier(act):
+    torch.manual_seed(3)
+    m = ActivatedLogits(act).double().eval()
+    x = torch.randn(3, 3, 11, 12, dtype=torch.float64)
+    tgt = torch.arange(10).expand(3, 10)  # some logits negative
+    ex = tsgb_ext.TSGB(m, factorize=True, classifier=m.fc)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised"
+    want = torch.cat([tsgb_ext.TSGB(m, factorize=False, classifier=m.fc).attribute(x, tgt[:, j])
+                      for j in range(10)], 1)
+    assert rel_err(got, want) <= 1e-9

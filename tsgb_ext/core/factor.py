@@ -416,7 +416,8 @@ class _Backward:
                 and all(A is f for A, _ in rep.sp + rep.ch)):
             return rep
         pend = f if rep.pend is None else self._mul(rep.pend, f)
-        return Rep(rep.dense, rep.sp, rep.ch, rep.onehot, pend, rep.lin)
+        # no longer the one-hot of the logits (an activation after the classifier)
+        return Rep(rep.dense, rep.sp, rep.ch, None, pend, rep.lin)
 
     def resolve(self, rep: Rep) -> Rep:
         """``rep`` with its pending factor multiplied into every term (and a lazy linear
@@ -1032,6 +1033,89 @@ def _dropout_fn(w, node, rep):
     w.send(node.args[0], rep)
 
 
+# ---- ops without a TSGB rule whose ordinary gradient keeps the terms --------------------------
+def _elementwise(w: _Backward, node, rep: Rep):
+    """An elementwise activation without a TSGB rule (SiLU, sigmoid, hard-swish, GELU, ...):
+    its ordinary gradient multiplies by ``f'(x)``, a target-independent factor, made once by
+    one autograd call with a gradient of ones (exact: the Jacobian is diagonal)."""
+    args, kwargs, sources = w._leafed(node)
+    y = w.env[node]
+    if len(sources) != 1 or sources[0][0] is not node.args[0] \
+            or not isinstance(y, torch.Tensor) or sources[0][1].shape != y.shape:
+        return False
+    src = sources[0][0]
+
+    def slope():
+        kw = dict(kwargs, inplace=False) if "inplace" in kwargs else kwargs
+        leaf = sources[0][1]
+        with torch.enable_grad():  # on a copy: an in-place op may not write to the leaf
+            out = _call(node, w.plan, (leaf.clone(),) + tuple(args[1:]), kw)
+            return torch.autograd.grad(out, leaf, torch.ones_like(out))[0]
+    f = w.cached(("slope", node), slope)
+    w.mark(node, "factorised" if rep.dense is None else "dense")
+    w.send(src, w.scale(rep, f))
+    return None
+
+
+def _elementwise_module(w, node, m, rep):
+    return _elementwise(w, node, rep)
+
+
+def _product(w: _Backward, node, rep: Rep):
+    """``a * b``: to each active factor the gradient times the other (target-independent)
+    factor; where that factor was broadcast from (N, C, 1, 1) (a squeeze-excitation gate),
+    the gradient summed over the broadcast positions: one (N, T, C) product per term."""
+    if node.kwargs or len(node.args) != 2:
+        return False
+    y = w.env[node]
+    vals = [w.val(a) for a in node.args]
+    if not isinstance(y, torch.Tensor) or y.dim() != 4 \
+            or not all(isinstance(v, (torch.Tensor, int, float)) for v in vals):
+        return False
+    plan = []
+    for i, src in enumerate(node.args):
+        if not w.active(src):
+            continue
+        mine, other = vals[i], vals[1 - i]
+        if not isinstance(mine, torch.Tensor):
+            return False
+        if tuple(mine.shape) == tuple(y.shape):
+            plan.append((src, "scale", i))
+        elif tuple(mine.shape) == tuple(y.shape[:2]) + (1, 1) and isinstance(other, torch.Tensor) \
+                and tuple(other.shape) == tuple(y.shape):
+            plan.append((src, "gate", i))
+        else:
+            return False
+    rep = w.resolve(rep)
+    w.mark(node, "factorised" if rep.dense is None else "dense")
+    for src, how, i in plan:
+        other = vals[1 - i]
+        if how == "scale":
+            f = w.cached(("factor", node, i), lambda other=other: (
+                other.expand_as(y) if isinstance(other, torch.Tensor)
+                else y.new_full((), float(other)).expand_as(y)))
+            w.send(src, w.scale(rep, f))
+        else:
+            w.send(src, Rep(_gate_grad(rep, other)))
+    return None
+
+
+def _gate_grad(rep: Rep, a: torch.Tensor) -> torch.Tensor:
+    """sum over H, W of g * a, (N, T, C, 1, 1), term by term."""
+    N, C = a.shape[:2]
+    out = None
+    for A, b in rep.sp:
+        term = torch.einsum("nchw,nthw->ntc", a if A is None else A * a, b[:, :, 0])
+        out = term if out is None else out + term
+    for A, v in rep.ch:
+        term = v[:, :, :, 0, 0] * (a if A is None else A * a).sum((2, 3)).unsqueeze(1)
+        out = term if out is None else out + term
+    if rep.dense is not None:
+        term = (rep.dense * a.unsqueeze(1)).sum((3, 4))
+        out = term if out is None else out + term
+    return out.reshape(N, -1, C, 1, 1)
+
+
 # ---- functional calls inside a rule layer's own forward (tagged by the tracer), padding ----
 def _rule_module(w: _Backward, node, base: type):
     """The rule layer of type ``base`` whose own forward made this call, or None."""
@@ -1124,6 +1208,11 @@ def _pad_module(w, node, m, rep):
     return _crop(w, node, rep, list(m.padding))
 
 
+_ELEMENTWISE_MODULES = (nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.GELU,
+                        nn.ELU, nn.CELU, nn.SELU, nn.LeakyReLU, nn.Mish, nn.Softplus)
+_ELEMENTWISE_FUNCS = (F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish,
+                      F.hardsigmoid, F.gelu, F.elu, F.celu, F.selu, F.leaky_relu, F.mish,
+                      F.softplus)
 _MODULE_RULES = {nn.Conv2d: _conv, nn.BatchNorm2d: _bn, nn.ReLU: _relu_module,
                  nn.ReLU6: _relu_module, nn.MaxPool2d: _maxpool, nn.AvgPool2d: _avgpool,
                  nn.AdaptiveAvgPool2d: _adaptive_module, nn.Linear: _linear,
@@ -1131,23 +1220,29 @@ _MODULE_RULES = {nn.Conv2d: _conv, nn.BatchNorm2d: _bn, nn.ReLU: _relu_module,
                  nn.ConstantPad2d: _pad_module}
 for _t in _PASS_MODULES:
     _MODULE_RULES[_t] = _identity_module
+for _t in _ELEMENTWISE_MODULES:
+    _MODULE_RULES[_t] = _elementwise_module
 _FUNCTION_RULES = {operator.add: _add, operator.iadd: _add, torch.add: _add, torch.cat: _cat,
                    torch.flatten: _reshape, torch.relu: _relu_fn, torch.relu_: _relu_fn,
                    F.relu: _relu_fn, F.relu_: _relu_fn, F.relu6: _relu6_fn,
                    F.hardtanh: _hardtanh_fn, F.adaptive_avg_pool2d: _adaptive_fn,
                    torch.mean: _mean, F.dropout: _dropout_fn, torch.conv2d: _routed_conv,
-                   F.batch_norm: _routed_bn, F.avg_pool2d: _routed_avgpool, F.pad: _pad_fn}
+                   F.batch_norm: _routed_bn, F.avg_pool2d: _routed_avgpool, F.pad: _pad_fn,
+                   operator.mul: _product, operator.imul: _product, torch.mul: _product,
+                   **{f: _elementwise for f in _ELEMENTWISE_FUNCS}}
 #: handlers that take a Rep with a pending factor (the rest get it multiplied in first)
 _LAZY = {_bn, _relu_module, _relu_fn, _relu6_fn, _hardtanh_fn, _add, _identity_module,
          _dropout_fn, _conv, _maxpool, _reshape, _flatten_module, _adaptive_module,
-         _adaptive_fn, _routed_conv, _routed_bn}
+         _adaptive_fn, _routed_conv, _routed_bn, _elementwise, _elementwise_module}
 #: a non-classifier Linear's input gradient is kept as u @ W from this many targets on (the
 #: conv below then contracts u @ J; J costs about 4 single-target Linear backwards and, after
 #: a max pool, one copy of W by position, cached). Measured (VGG16 fc1, 2 CPU threads): the
 #: dense u @ W is cheaper below ~50 targets
 LAZY_LINEAR_MIN_T = 64
 _METHOD_RULES = {"add": _add, "add_": _add, "relu": _relu_fn, "relu_": _relu_fn,
-                 "flatten": _reshape, "view": _reshape, "reshape": _reshape, "mean": _mean}
+                 "flatten": _reshape, "view": _reshape, "reshape": _reshape, "mean": _mean,
+                 "mul": _product, "mul_": _product, "sigmoid": _elementwise,
+                 "sigmoid_": _elementwise, "tanh": _elementwise, "tanh_": _elementwise}
 
 
 # ---- entry point ----------------------------------------------------------------------------
