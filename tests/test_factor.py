@@ -22,10 +22,6 @@ from test_models import F64_SPREAD_FACTOR, FAMILIES, build, rel_err
 
 pytestmark = native_skip_mark()
 
-#: families whose graph the factorised path cannot take, and why (the batched path runs)
-NOT_FACTORISED = {"shufflenet_v2": "tuple"}  # torch.chunk: a node with several outputs
-
-
 def single_target_maps(model, x, tgt):
     ex = tsgb_ext.TSGB(model, factorize=False)
     return torch.cat([ex.attribute(x, tgt[:, j]) for j in range(tgt.shape[1])], 1)
@@ -66,10 +62,7 @@ def test_family_factorised_equals_single_target_maps(name):
         assert ex.last_path == "batched" and "grouped conv" in ex.factor_status
         ex = tsgb_ext.TSGB(m64, factorize=True)
         got = ex.attribute(x, tgt)
-    if name in NOT_FACTORISED:
-        assert ex.last_path == "batched" and NOT_FACTORISED[name] in ex.factor_status
-    else:
-        assert ex.last_path == "factorised", ex.factor_status
+    assert ex.last_path == "factorised", ex.factor_status
     check_close(m64, x, tgt, got, single_target_maps(m64, x, tgt))
 
 
@@ -443,12 +436,12 @@ def test_untraceable_own_forward_takes_the_batched_path():
 
 #: timm families of the suite (tests/test_timm.py) the factorised path takes, and why the rest
 #: take the batched path
-TIMM_FACTORISED = {"efficientnet_b0", "regnety_008", "densenet121", "rexnet_100",
-                   "inception_v3", "nf_resnet26"}
-TIMM_BATCHED = {"mobilenetv3_large_100": "Linear with its own forward",
-                "tf_mobilenetv3_small_100": "Linear with its own forward",
-                "mixnet_s": "tuple", "cspdarknet53": "tuple", "cspresnet50": "tuple",
-                "tf_efficientnet_b0": "could not trace"}
+TIMM_FACTORISED = {"efficientnet_b0", "mobilenetv3_large_100", "regnety_008", "densenet121",
+                   "mixnet_s", "rexnet_100", "cspdarknet53", "cspresnet50", "inception_v3",
+                   "nf_resnet26"}
+#: Conv2dSame / its pooling twin: "same" padding computed with math from the input's size
+TIMM_BATCHED = {"tf_efficientnet_b0": "could not trace",
+                "tf_mobilenetv3_small_100": "could not trace"}
 
 
 def _timm_models():
@@ -627,3 +620,59 @@ def test_activation_after_the_classifier(act):
     want = torch.cat([tsgb_ext.TSGB(m, factorize=False, classifier=m.fc).attribute(x, tgt[:, j])
                       for j in range(10)], 1)
     assert rel_err(got, want) <= 1e-9
+
+
+# ---- split / chunk: pieces taken by getitem ---------------------------------------------------
+class SplitNet(nn.Module):
+    """torch.split along channels (a piece unused, one used twice), Tensor.chunk along
+    channels, and a split along the height (placed densely)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.a = nn.Conv2d(4, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 1)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        p0, p1, _ = torch.split(y, [4, 6, 2], dim=1)
+        z = F.relu(self.a(p0)) + p1 * p1
+        u, v = z.chunk(2, 1)
+        z = torch.cat([v, u], 1)
+        top, bottom = torch.split(F.relu(self.b(z)), [4, z.shape[2] - 4], dim=2)
+        return self.fc(top.mean((2, 3)) + bottom.mean((2, 3)))
+
+
+@pytest.mark.parametrize("T", [2, 12])
+def test_split_pieces_are_placed_back(T):
+    torch.manual_seed(0)
+    m = SplitNet().double().eval()
+    x = torch.randn(2, 3, 13, 15, dtype=torch.float64)
+    tgt = random_targets(2, T, 10, seed=T)
+    ex = tsgb_ext.TSGB(m)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised", ex.factor_status
+    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
+    paths = ex.report().paths
+    assert "autograd" not in paths.values(), paths
+    assert paths["split"] == ("factorised" if T > 2 else "dense")  # T = 2: 2 terms, dense
+    assert paths["chunk"] == "factorised"
+    assert paths["split_1"] == "dense"  # along the height: placed densely
+
+
+def test_timm_linear_subclass_is_the_classifier():
+    """timm's Linear (its own forward calls F.linear): traced into, the TSGB-FC rule on its
+    linear call (the batched path routes it the same way)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      timm_layers.Linear(6, 6), nn.ReLU(), timm_layers.Linear(6, 10))
+    m = m.double().eval()
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    tgt = random_targets(2, 4, 10, seed=4)
+    ex = tsgb_ext.TSGB(m)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised", ex.factor_status
+    assert ex.report().paths["6"] == "classifier rows" and ex.report().paths["4"] == "dense"
+    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9

@@ -282,8 +282,6 @@ def _unsupported(model: nn.Module) -> Optional[str]:
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(
                 m, "_backward_pre_hooks", None):
             return f"{name or 'the model'} has hooks"
-        if isinstance(m, nn.Linear) and own_forward(m):
-            return f"{name} ({type(m).__name__}) is a Linear with its own forward"
         if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
             return f"{name}: padding {m.padding!r} / padding_mode {m.padding_mode!r}"
         if isinstance(m, nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
@@ -394,6 +392,7 @@ class _Backward:
         self._memo: Dict[tuple, tuple] = {}
         self.idem: set = set()  # ids of 0/1 masks (m * m == m)
         self.paths: Dict[str, str] = {}
+        self.pieces: Dict[fx.Node, Dict[int, Rep]] = {}  # split node -> its pieces' gradients
 
     # -- helpers --
     def _mul(self, A, f):
@@ -464,6 +463,8 @@ class _Backward:
         self.grads[out_node] = Rep(onehot, onehot=targets)
         for node in reversed(self.plan.nodes):
             rep = self.grads.pop(node, None)
+            if rep is None and node in self.pieces:  # a split: its getitems hold the pieces
+                rep = Rep()
             if rep is None or node.op in ("placeholder", "output", "get_attr"):
                 if node.op == "placeholder" and rep is not None:
                     self.grads[node] = rep
@@ -986,21 +987,24 @@ def _cat(w, node, rep):
         c0 = c1
 
 
-def _linear(w: _Backward, node, m: nn.Linear, rep: Rep):
+def _linear(w: _Backward, node, m: nn.Linear, rep: Rep, weight=None):
+    """A Linear layer (``weight``: the one its call used, for a subclass's own forward): the
+    TSGB-FC rule for the classifier, the ordinary gradient for the others."""
     x = w.env[node.args[0]]
+    weight = m.weight if weight is None else weight
     if m is w.classifier:
         w.mark(node, "classifier rows" if rep.onehot is not None else "dense")
-        w.send(node.args[0], Rep(_fc_rule(rep, x, m.weight)))
+        w.send(node.args[0], Rep(_fc_rule(rep, x, weight)))
         return
     if x.dim() != 2:
         return False
     G = rep.materialise()
     if G.shape[1] >= LAZY_LINEAR_MIN_T:
         w.mark(node, "lazy linear")
-        w.send(node.args[0], Rep(lin=(G, m.weight, None)))
+        w.send(node.args[0], Rep(lin=(G, weight, None)))
         return
     w.mark(node, "dense")
-    w.send(node.args[0], Rep(G @ m.weight))
+    w.send(node.args[0], Rep(G @ weight))
 
 
 def _fc_rule(rep: Rep, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -1172,6 +1176,74 @@ def _routed_avgpool(w, node, rep):
     _as_module_path(w, node)
 
 
+def _routed_linear(w, node, rep):
+    """linear in a Linear subclass's own forward (timm's Linear): that layer's rule (TSGB-FC
+    for the classifier). Elsewhere F.linear keeps its ordinary gradient."""
+    m = _rule_module(w, node, nn.Linear)
+    if m is None or "input" in node.kwargs or not node.args \
+            or not isinstance(w.val(node.args[0]), torch.Tensor):
+        return False
+    weight = w.val(node.kwargs["weight"] if "weight" in node.kwargs else node.args[1])
+    if _linear(w, node, m, rep, weight) is False:
+        return False
+    _as_module_path(w, node)
+    return None
+
+
+def _split(w: _Backward, node, rep: Rep):
+    """torch.split / chunk (function or method), whose pieces are taken by ``getitem``: the
+    pieces' gradients (collected by :func:`_getitem`) placed side by side along the split
+    dimension; along channels the terms stay terms (their factors zero outside the piece)."""
+    pieces = w.pieces.pop(node, {})
+    outs = w.env[node]
+    x = w.env[node.args[0]]
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0) % x.dim()
+    bounds, c0 = [], 0
+    for o in outs:
+        bounds.append((c0, c0 + o.shape[dim]))
+        c0 += o.shape[dim]
+    N, T = x.shape[0], w.T
+    along_channels = dim == 1 and x.dim() == 4
+    w.mark(node, "factorised" if along_channels and all(p.dense is None for p in pieces.values())
+           else "dense")
+    if not along_channels:
+        G = x.new_zeros((N, T) + tuple(x.shape[1:]))
+        for i, p in pieces.items():
+            G.narrow(dim + 1, bounds[i][0], bounds[i][1] - bounds[i][0]).copy_(p.materialise())
+        w.send(node.args[0], Rep(G))
+        return None
+    for i, p in pieces.items():
+        lo, hi = bounds[i]
+
+        def wide(t, d):  # t zero-padded to all C channels along dim d
+            pad = [0, 0] * (t.dim() - 1 - d) + [lo, x.shape[1] - hi]
+            return F.pad(t, pad)
+        ones = x.new_ones((N, hi - lo) + tuple(x.shape[2:]))
+        sp = [(wide(ones if A is None else A, 1), b) for A, b in p.sp]
+        ch = [(A if A is None else wide(A, 1), wide(v, 2)) for A, v in p.ch]
+        w.send(node.args[0], Rep(None if p.dense is None else wide(p.dense, 2), sp, ch))
+    return None
+
+
+def _getitem(w: _Backward, node, rep: Rep):
+    """Piece ``i`` of a split: its gradient kept for :func:`_split`."""
+    src, idx = node.args[:2]
+    if not (isinstance(src, fx.Node) and isinstance(idx, int) and _is_split(src)
+            and isinstance(w.env[src], (tuple, list))):
+        return False
+    idx %= len(w.env[src])
+    rep = w.resolve(rep)
+    old = w.pieces.setdefault(src, {}).get(idx)
+    w.pieces[src][idx] = rep if old is None else old.plus(rep)
+    w.mark(node, "pass")
+    return None
+
+
+def _is_split(node) -> bool:
+    return ((node.op == "call_function" and node.target in (torch.split, torch.chunk))
+            or (node.op == "call_method" and node.target in ("split", "chunk")))
+
+
 def _crop(w: _Backward, node, rep: Rep, pad) -> Optional[bool]:
     """Zero padding of the last two dims (``pad`` = (left, right, top, bottom), all >= 0): its
     gradient is the crop, applied to every term's target-independent factor and per-target
@@ -1229,6 +1301,8 @@ _FUNCTION_RULES = {operator.add: _add, operator.iadd: _add, torch.add: _add, tor
                    torch.mean: _mean, F.dropout: _dropout_fn, torch.conv2d: _routed_conv,
                    F.batch_norm: _routed_bn, F.avg_pool2d: _routed_avgpool, F.pad: _pad_fn,
                    operator.mul: _product, operator.imul: _product, torch.mul: _product,
+                   F.linear: _routed_linear, torch.split: _split, torch.chunk: _split,
+                   operator.getitem: _getitem,
                    **{f: _elementwise for f in _ELEMENTWISE_FUNCS}}
 #: handlers that take a Rep with a pending factor (the rest get it multiplied in first)
 _LAZY = {_bn, _relu_module, _relu_fn, _relu6_fn, _hardtanh_fn, _add, _identity_module,
@@ -1242,7 +1316,8 @@ LAZY_LINEAR_MIN_T = 64
 _METHOD_RULES = {"add": _add, "add_": _add, "relu": _relu_fn, "relu_": _relu_fn,
                  "flatten": _reshape, "view": _reshape, "reshape": _reshape, "mean": _mean,
                  "mul": _product, "mul_": _product, "sigmoid": _elementwise,
-                 "sigmoid_": _elementwise, "tanh": _elementwise, "tanh_": _elementwise}
+                 "sigmoid_": _elementwise, "tanh": _elementwise, "tanh_": _elementwise,
+                 "split": _split, "chunk": _split}
 
 
 # ---- entry point ----------------------------------------------------------------------------
@@ -1255,6 +1330,18 @@ def _active_nodes(plan: FactorPlan) -> set:
                 a in active for a in n.all_input_nodes):
             active.add(n)
     return active
+
+
+def _linear_of(plan: FactorPlan, n: fx.Node) -> Optional[nn.Linear]:
+    """The Linear layer a node runs: a call of the module, or the linear call of its own
+    forward."""
+    if n.op == "call_module":
+        m = plan.modules[n.target]
+    elif n.op == "call_function" and n.target is F.linear and n.meta.get("tsgb_rule"):
+        m = plan.modules.get(n.meta["tsgb_rule"])
+    else:
+        return None
+    return m if isinstance(m, nn.Linear) else None
 
 
 class Run:
@@ -1277,8 +1364,7 @@ class Run:
             raise NotFactorisable("the model's output is not one (N, classes) tensor")
         self.logits = out.detach()
         if classifier is None:
-            linears = [plan.modules[n.target] for n in plan.nodes if n.op == "call_module"
-                       and isinstance(plan.modules[n.target], nn.Linear)]
+            linears = [m for m in (_linear_of(plan, n) for n in plan.nodes) if m is not None]
             if not linears:
                 raise NotFactorisable("the forward ran no nn.Linear module")
             classifier = linears[-1]
