@@ -61,8 +61,7 @@ class TSGB:
             for ``attribute`` with an (N, T) target and ``explain(..., num_targets=T)``,
             T >= 2, float32/float64 input, no ``compile``, on models without grouped /
             depthwise convs (measured slower there); ``True``: for every call; ``False``: never.
-            Models it cannot take (untraceable, hooks, Linear subclasses with their own
-            forward, ...) use the batched backward; ``report()`` says which path each node
+            Models it cannot take (untraceable, hooks, ...) use the batched backward; ``report()`` says which path each node
             took and why.
     """
 

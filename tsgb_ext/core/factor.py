@@ -26,10 +26,16 @@ The rules act on the target-independent factors where they can (TSGB_SPEC.md):
   per window offset when they do. The TSGB AvgPool2d rule is the same stencil.
 * A global average pool's gradient is a channel term with ``A = 1``; the TSGB-FC classifier
   gives each target the row ``W+[t] + beta[t] * W-[t]`` (one-hot targets: only those rows).
+* A depthwise conv (groups == C_in == C_out) is a per-channel stencil like AvgPool's.
+* Ops without a TSGB rule whose ordinary gradient is a target-independent factor keep the
+  terms: elementwise activations (times ``f'(x)``), products (times the other factor; a
+  squeeze-excitation gate's own gradient is one (N, T, C) contraction per term), zero padding
+  (a crop), split / chunk along channels (the pieces' terms placed back).
 
-Everything else (grouped / depthwise convs, other Linear layers, any other op) takes the
-materialised gradient: the rules' own formulas on (N*T)-batched tensors, and for ops without a
-TSGB rule their ordinary gradient by ``torch.autograd`` (batched over the targets). When the
+Everything else (grouped convs that are not depthwise, other Linear layers, any other op)
+takes the materialised gradient: the rules' own formulas on (N*T)-batched tensors, and for
+ops without a TSGB rule their ordinary gradient by ``torch.autograd`` (batched over the
+targets). When the
 terms at a node outnumber the targets, they are materialised too (T targets cost T dense
 passes; J terms cost J). So the path is exact by construction (the same formulas, summed in
 another order) and never slower in passes than the batched backward.
@@ -37,12 +43,13 @@ another order) and never slower in passes than the batched backward.
 The forward is the model's own, computed node by node from the graph (no autograd, nothing
 saved but the node outputs); the model is not converted. :func:`plan_for` traces once per
 module tree, into the own ``forward`` of rule-layer subclasses (timm's ``BatchNormAct2d``,
-EfficientNet-Lite's static "same"-padding conv, weight standardisation): their ``conv2d``,
-``batch_norm`` and ``avg_pool2d`` calls take the rules, as the conversion routes them, and a
-zero padding (``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad2d(.., 0)``) crops the terms. A
+EfficientNet-Lite's static "same"-padding conv, weight standardisation, timm's ``Linear``):
+their ``conv2d``, ``batch_norm``, ``avg_pool2d`` and ``linear`` calls take the rules, as the
+conversion routes them, and a zero padding (``F.pad``, ``nn.ZeroPad2d``,
+``nn.ConstantPad2d(.., 0)``) crops the terms. A
 model this cannot handle (untraceable, e.g. a padding computed with ``math`` from the input's
-size; hooks; a Linear subclass with its own forward; a Conv2d with non-zero padding mode or
-``padding="same"``) gets ``None`` and the explainer uses its batched backward.
+size; hooks; a Conv2d with non-zero padding mode or ``padding="same"``) gets ``None`` and the
+explainer uses its batched backward.
 """
 from __future__ import annotations
 
