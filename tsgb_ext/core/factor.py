@@ -263,8 +263,8 @@ def _grouped_conv(modules: Dict[str, nn.Module], nodes) -> Optional[str]:
     """The first grouped conv the graph calls that is not depthwise (groups < C_in or
     C_out != C_in), as a reason, or None. Its input gradient is materialised (T dense passes),
     so the factorised path saves little around it and costs its terms' bookkeeping: measured
-    (2-core CPU, float32, 224x224) on ResNeXt50 0.72x / 1.57x / 0.95x the batched backward's
-    speed at T = 5 / 20 / 100. Depthwise convs keep the terms (a per-channel stencil) and are
+    (2-core CPU, float32, 224x224) on ResNeXt50 0.82x / 1.13x / 0.79x the batched backward's
+    speed at T = 5 / 20 / 100 (benchmarks/RESULTS.md). Depthwise convs keep the terms (a per-channel stencil) and are
     not a reason."""
     for n in nodes:
         m = modules.get(n.target) if n.op == "call_module" else None
