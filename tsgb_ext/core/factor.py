@@ -172,14 +172,24 @@ def _spread1(P: torch.Tensor, axis: int, k: int, s: int, p: int, d: int, n_in: i
         return P
     shape = list(P.shape)
     shape[axis] = n_in
-    out = P.new_zeros(shape)
-    idx = [slice(None)] * P.dim()
+    spans = []
     for j in range(k):
         off = j * d - p
         lo = max(0, -(off // s))  # ceil(-off / s)
         hi = min(n_out - 1, (n_in - 1 - off) // s)
-        if hi < lo:
-            continue
+        if hi >= lo:
+            spans.append((lo, hi, off))
+    # an offset whose window positions cover every input position (stride 1, "same" size):
+    # the sum starts as a copy of it instead of zeros plus an add
+    full = next((sp for sp in spans if s == 1 and sp[2] + sp[0] == 0
+                 and sp[1] + sp[2] == n_in - 1), None)
+    if full is not None:
+        spans.remove(full)
+        out = P.narrow(axis, full[0], full[1] - full[0] + 1).clone()
+    else:
+        out = P.new_zeros(shape)
+    idx = [slice(None)] * P.dim()
+    for lo, hi, off in spans:
         idx[axis] = slice(lo * s + off, hi * s + off + 1, s)
         out[tuple(idx)] += P.narrow(axis, lo, hi - lo + 1)
     return out
@@ -634,18 +644,17 @@ def _contract(rep: Rep, y: torch.Tensor) -> torch.Tensor:
     """s[n, t, o] = sum_k g[n, t, k, o] * y[n, k, o], term by term."""
     if rep.lin is not None:
         return _lin_contract(rep.lin, y)
-    s = None
+    s = None  # a fresh tensor, accumulated in place
     for A, b in rep.sp:
-        q = _csum(y if A is None else A * y)
-        term = b[:, :, 0] * q  # q (N, 1, H, W): target-free
-        s = term if s is None else s + term
+        q = _csum(y if A is None else A * y)  # q (N, 1, H, W): target-free
+        s = b[:, :, 0] * q if s is None else s.addcmul_(b[:, :, 0], q)
     for A, v in rep.ch:
         ay = y if A is None else A * y
         term = torch.einsum("ntc,nchw->nthw", v[:, :, :, 0, 0], ay)
-        s = term if s is None else s + term
+        s = term if s is None else s.add_(term)
     if rep.dense is not None:
         term = (rep.dense * y.unsqueeze(1)).sum(2)
-        s = term if s is None else s + term
+        s = term if s is None else s.add_(term)
     return s
 
 
@@ -663,7 +672,7 @@ def _conv_rule(w: _Backward, node, rep: Rep, k, stride, padding, dilation, group
         s = _contract(rep, y if rep.pend is None else w._mul(rep.pend, y))
         geom = (_pair(k), _pair(stride), _pair(padding), _pair(dilation))
         d = w.cached(("boxsum", node), lambda: _box_sum(x, ones, geom))
-        r = s / d
+        r = s.div_(d)  # s: _contract's own tensor
         t = _spread(r, geom, (H, W))
         w.send(node.args[0], Rep(sp=[(w.sign(node.args[0]), t.unsqueeze(2))]))
         return
