@@ -111,10 +111,17 @@ class Rep:
         assert self.pend is None
         if self.lin is not None:
             return _lin_dense(self.lin)
-        out = self.dense
+        out, fresh = self.dense, False  # fresh: ``out`` is this call's own, full-size tensor
         for A, b in self.sp + self.ch:
-            term = b if A is None else A.unsqueeze(1) * b
-            out = term if out is None else out + term
+            if out is None:
+                out, fresh = (b, False) if A is None else (A.unsqueeze(1) * b, True)
+                continue
+            a = None if A is None else A.unsqueeze(1)
+            shape = torch.broadcast_shapes(out.shape, b.shape, *(() if a is None else (a.shape,)))
+            if fresh and tuple(shape) == tuple(out.shape):  # in place: one pass, no temporary
+                out = out.add_(b) if a is None else out.addcmul_(a, b)
+            else:
+                out, fresh = (out + b if a is None else torch.addcmul(out, a, b)), True
         return out
 
     def densify(self) -> "Rep":
@@ -228,8 +235,8 @@ def _stencil(rep: Rep, P_of, geom, size, post=None, max_terms=None) -> Rep:
     def spread(P):
         out = None
         for dl in offs:
-            q = _place(P, dl, geom, size)
-            out = q if out is None else out + q
+            q = _place(P, dl, geom, size)  # a fresh tensor
+            out = q if out is None else out.add_(q)
         if post is None:
             return out
         return out * (post if out.dim() == post.dim() else post.unsqueeze(1))
