@@ -692,19 +692,42 @@ def _conv_rule(w: _Backward, node, rep: Rep, k, stride, padding, dilation, group
     w.send(node.args[0], Rep(_grouped_dense(w, node, rep.materialise(), geom, groups)))
 
 
+def _group_box(w: _Backward, node, geom, groups) -> torch.Tensor:
+    """D + eps per group, (N, groups, Ho, Wo): each output window's sum of |x| over the
+    group's input channels (cached per node)."""
+    x = w.env[node.args[0]]
+    N, C, H, W = x.shape
+    cg = C // groups
+
+    def box():
+        xs = x.abs() if cg == 1 else _csum(x.abs().reshape(N * groups, cg, H, W)).view(
+            N, groups, H, W)
+        k, stride, padding, dilation = geom
+        return F.conv2d(xs, x.new_ones((groups, 1) + k), None, stride, padding, dilation,
+                        groups) + EPS
+    return w.cached(("gbox", node), box)
+
+
 def _grouped_dense(w: _Backward, node, G, geom, groups) -> torch.Tensor:
-    """The grouped conv rule on a materialised gradient G (N, T, K, Ho, Wo): per group, the
-    box sum over its input channels, one transposed conv batched over the targets."""
+    """The grouped conv rule on a materialised gradient G (N, T, K, Ho, Wo). The rule's box
+    sum ``D`` is the same for every output channel of a group (the window's sum of |x| over
+    the group's input channels), and its transposed box sum (a conv with ones) hands every
+    input channel of a group the same map; so: ``r_g = sum_{k in g} G_k y_k / D_g``, one
+    transposed box sum per group and target, broadcast to the group's channels, times
+    sign(x) -- instead of a transposed grouped conv over all K x C/g channel pairs."""
     x, y = w.env[node.args[0]], w.env[node]
     N, C, H, W = x.shape
     T, K = G.shape[1], G.shape[2]
-    k, stride, padding, dilation = geom
-    wk = x.new_ones((K, C // groups) + k)
-    D = w.cached(("gbox", node), lambda: F.conv2d(x.abs(), wk, None, stride, padding,
-                                                    dilation, groups) + EPS)
-    R = (G * (y / D).unsqueeze(1)).reshape(N * T, K, *G.shape[3:])
-    t = conv2d_input((N * T, C, H, W), wk, R, stride, padding, dilation, groups)
-    return t.reshape(N, T, C, H, W) * w.sign(node.args[0]).unsqueeze(1)
+    cg, kg = C // groups, K // groups
+
+    D = _group_box(w, node, geom, groups)
+    R = G * y.unsqueeze(1)
+    if kg > 1:
+        R = R.view(N, T, groups, kg, *R.shape[3:]).sum(3)
+    t = _spread(R / D.unsqueeze(1), geom, (H, W))  # (N, T, groups, H, W)
+    if cg > 1:
+        t = t.unsqueeze(3).expand(N, T, groups, cg, H, W).reshape(N, T, C, H, W)
+    return t * w.sign(node.args[0]).unsqueeze(1)
 
 
 def _depthwise(w: _Backward, node, rep: Rep, geom) -> None:
@@ -718,8 +741,7 @@ def _depthwise(w: _Backward, node, rep: Rep, geom) -> None:
     N, C, H, W = x.shape
     y = w.env[node]
     offs = _offsets(geom[0])
-    D = w.cached(("gbox", node), lambda: F.conv2d(
-        x.abs(), x.new_ones((C, 1) + geom[0]), None, geom[1], geom[2], geom[3], C) + EPS)
+    D = _group_box(w, node, geom, C)
     q = w.cached(("dwq", node), lambda: y / D)
     sgn = w.sign(node.args[0])
     out = Rep()
