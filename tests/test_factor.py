@@ -36,12 +36,6 @@ def check_close(model, x, tgt, got, want):
     assert err <= max(1e-9, F64_SPREAD_FACTOR * spread), (err, spread)
 
 
-def has_grouped_conv(model):
-    """A grouped conv that is not depthwise: factorize="auto" declines those."""
-    return any(isinstance(m, nn.Conv2d) and m.groups > 1
-               and not m.groups == m.in_channels == m.out_channels for m in model.modules())
-
-
 def random_targets(n, t, classes, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, classes, (n, t), generator=g)
@@ -55,13 +49,9 @@ def test_family_factorised_equals_single_target_maps(name):
                     generator=torch.Generator().manual_seed(3))
     tgt = random_targets(2, 3, 10, seed=len(name))
     tgt[1, 2] = tgt[1, 0]  # a class twice
-    ex = tsgb_ext.TSGB(m64)  # factorize="auto"
+    ex = tsgb_ext.TSGB(m64, factorize=True)  # T = 3: "auto" would take the batched path
     got = ex.attribute(x, tgt)
     assert got.shape == (2, 3, size, size)
-    if has_grouped_conv(m64):  # "auto" keeps these on the batched backward; True forces
-        assert ex.last_path == "batched" and "grouped conv" in ex.factor_status
-        ex = tsgb_ext.TSGB(m64, factorize=True)
-        got = ex.attribute(x, tgt)
     assert ex.last_path == "factorised", ex.factor_status
     check_close(m64, x, tgt, got, single_target_maps(m64, x, tgt))
 
@@ -175,7 +165,7 @@ def test_hooks_and_explain_take_the_batched_path():
     want = tsgb_ext.TSGB(m).attribute(x, tgt)
     h = m.c2.register_forward_hook(lambda mod, i, o: None)
     try:
-        ex = tsgb_ext.TSGB(m)
+        ex = tsgb_ext.TSGB(m, factorize=True)
         got = ex.attribute(x, tgt)
         assert ex.last_path == "batched" and "hooks" in ex.factor_status
     finally:
@@ -262,7 +252,7 @@ def test_lazy_linear_through_a_vgg_head(T):
     m = VggHead().double().eval()
     x = torch.randn(3, 3, 10, 11, dtype=torch.float64)  # pool: 5x5 (odd width floors)
     tgt = random_targets(3, T, 70, seed=T)
-    ex = tsgb_ext.TSGB(m)
+    ex = tsgb_ext.TSGB(m, factorize=True)
     got = ex.attribute(x, tgt)
     assert ex.last_path == "factorised"
     assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
@@ -272,36 +262,41 @@ def test_lazy_linear_through_a_vgg_head(T):
     assert (paths["head.0"] == "lazy linear") == lazy
 
 
-def test_auto_declines_grouped_convs_and_true_forces_them():
-    """factorize="auto" keeps a model with a grouped / depthwise conv on the batched backward
-    (measured slower factorised there: RESULTS.md), says why in report(); the maps are the
-    same either way, and pixel_classes follows the same choice."""
+def test_auto_factorises_from_auto_min_targets_on():
+    """factorize="auto" keeps fewer than AUTO_MIN_TARGETS targets on the batched backward
+    (measured slower factorised there: RESULTS.md) and says so; the maps are the same either
+    way; a with-block and pixel_classes (chunks of ``chunk`` targets) follow the same rule."""
+    n = tsgb_ext.core.factor.AUTO_MIN_TARGETS
     m = zoo()
     x = torch.randn(2, 3, 29, 29, dtype=torch.float64)
-    tgt = random_targets(2, 4, 10, seed=11)
+    few, many = random_targets(2, n - 1, 10, seed=11), random_targets(2, n, 10, seed=12)
     ex = tsgb_ext.TSGB(m)
-    got = ex.attribute(x, tgt)
+    got = ex.attribute(x, few)
     assert ex.last_path == "batched"
-    assert "c3 is a grouped conv (groups=4, not depthwise)" in ex.factor_status
-    assert "c3 is a grouped conv" in str(ex.report())
+    assert f"fewer than {n} targets ({n - 1})" in ex.factor_status
+    assert "fewer than" in str(ex.report())
     forced = tsgb_ext.TSGB(m, factorize=True)
-    assert rel_err(forced.attribute(x, tgt), got) <= 1e-9 and forced.last_path == "factorised"
-    ex.pixel_classes(x, k=1, chunk=5)
-    assert ex.last_path == "batched"
+    assert rel_err(forced.attribute(x, few), got) <= 1e-9 and forced.last_path == "factorised"
+    ex.attribute(x, many)
+    assert ex.last_path == "factorised" and ex.factor_status == "factorised"
     with tsgb_ext.TSGB(m) as inside:
-        assert rel_err(inside.attribute(x, tgt), got) <= 1e-12
-        assert inside.last_path == "batched" and "grouped conv" in inside.factor_status
+        assert rel_err(inside.attribute(x, few), got) <= 1e-12
+        assert inside.last_path == "batched"
+        inside.attribute(x, many)
+        assert inside.last_path == "factorised"
+    ex.pixel_classes(x, k=1, chunk=5)
+    assert ex.last_path == "factorised"
 
 
 def test_explain_with_num_targets_takes_the_factorised_path_under_auto():
     model, size = build("resnet18")
     m64 = copy.deepcopy(model).double()
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
-    pick = lambda lg: lg.topk(3, 1).indices  # noqa: E731
+    pick = lambda lg: lg.topk(5, 1).indices  # noqa: E731
     ex = tsgb_ext.TSGB(m64)
     want, t, _ = ex.explain(x, pick)
     assert ex.last_path == "batched"  # T unknown before the forward: batched
-    got, t2, _ = ex.explain(x, pick, num_targets=3)
+    got, t2, _ = ex.explain(x, pick, num_targets=5)
     assert ex.last_path == "factorised" and torch.equal(t, t2)
     assert rel_err(got, want) <= 1e-9
     ex.explain(x, lambda lg: lg.argmax(1, keepdim=True), num_targets=1)
@@ -317,11 +312,14 @@ def test_pipeline_tells_explain_how_many_targets():
     m64 = copy.deepcopy(model).double()
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     ex = tsgb_ext.TSGB(m64)
-    (res,) = pipeline.explain_batches(ex, [x], top_k=3)
-    assert ex.last_path == "factorised" and res.maps.shape == (2, 3, size, size)
-    (again,) = pipeline.explain_batches(ex, [x], target=[4, 1])
+    (res,) = pipeline.explain_batches(ex, [x], top_k=5)
+    assert ex.last_path == "factorised" and res.maps.shape == (2, 5, size, size)
+    ids = [4, 1, 7, 7, 0]
+    (again,) = pipeline.explain_batches(ex, [x], target=ids)
     assert ex.last_path == "factorised"
-    assert rel_err(again.maps, single_target_maps(m64, x, torch.tensor([[4, 1]] * 2))) <= 1e-9
+    assert rel_err(again.maps, single_target_maps(m64, x, torch.tensor([ids] * 2))) <= 1e-9
+    pipeline.explain_batches(ex, [x], top_k=2).__next__()
+    assert ex.last_path == "batched"
     pipeline.explain_batches(ex, [x], target="top1").__next__()
     assert ex.last_path == "batched"
     assert pipeline._num_targets(lambda meta, lg: [[1]], None) is None
@@ -410,7 +408,7 @@ def test_own_forward_subclasses_are_traced_into(T):
     m = own_forward_net()
     x = torch.randn(2, 3, 23, 26, dtype=torch.float64)
     tgt = random_targets(2, T, 10, seed=T)
-    ex = tsgb_ext.TSGB(m)
+    ex = tsgb_ext.TSGB(m, factorize=True)
     got = ex.attribute(x, tgt)
     assert ex.last_path == "factorised", ex.factor_status
     assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
@@ -467,10 +465,6 @@ def test_timm_family_factorised_equals_single_target_maps(name, size):
     else:
         assert ex.last_path == "batched" and TIMM_BATCHED[name] in ex.factor_status
     check_close(m, x, tgt, got, single_target_maps(m, x, tgt))
-    auto = tsgb_ext.TSGB(m)
-    auto.attribute(x, tgt[:, :2])
-    assert auto.last_path == ("factorised" if name in TIMM_FACTORISED and not has_grouped_conv(m)
-                              else "batched"), auto.factor_status
 
 
 def test_bundled_efficientnet_lite0_factorised():
@@ -650,7 +644,7 @@ def test_split_pieces_are_placed_back(T):
     m = SplitNet().double().eval()
     x = torch.randn(2, 3, 13, 15, dtype=torch.float64)
     tgt = random_targets(2, T, 10, seed=T)
-    ex = tsgb_ext.TSGB(m)
+    ex = tsgb_ext.TSGB(m, factorize=True)
     got = ex.attribute(x, tgt)
     assert ex.last_path == "factorised", ex.factor_status
     assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
@@ -671,7 +665,7 @@ def test_timm_linear_subclass_is_the_classifier():
     m = m.double().eval()
     x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
     tgt = random_targets(2, 4, 10, seed=4)
-    ex = tsgb_ext.TSGB(m)
+    ex = tsgb_ext.TSGB(m, factorize=True)
     got = ex.attribute(x, tgt)
     assert ex.last_path == "factorised", ex.factor_status
     assert ex.report().paths["6"] == "classifier rows" and ex.report().paths["4"] == "dense"

@@ -59,8 +59,8 @@ class TSGB:
             (:mod:`tsgb_ext.core.factor`: per-target work on single-channel maps and channel
             vectors, the target-independent work once; the same maps). ``"auto"`` (default):
             for ``attribute`` with an (N, T) target and ``explain(..., num_targets=T)``,
-            T >= 2, float32/float64 input, no ``compile``, on models without grouped /
-            depthwise convs (measured slower there); ``True``: for every call; ``False``: never.
+            T >= ``factor.AUTO_MIN_TARGETS`` (5: measured slower below), float32/float64
+            input, no ``compile``; ``True``: for every call; ``False``: never.
             Models it cannot take (untraceable, hooks, ...) use the batched backward; ``report()`` says which path each node
             took and why.
     """
@@ -203,7 +203,7 @@ class TSGB:
         ``select(logits)`` gets the detached (N, classes) scores and returns an (N, T) int64
         tensor of classes. ``amp_dtype`` autocasts the forward pass only. ``num_targets``: the
         T that ``select`` will return, when the caller knows it before the forward (lets
-        ``factorize="auto"`` take the factorised backward for T >= 2, as ``attribute`` with an
+        ``factorize="auto"`` take the factorised backward for T >= 5, as ``attribute`` with an
         (N, T) target does; None: the batched backward unless ``factorize=True``). Returns
         ``(maps (N, T, H, W), targets (N, T), logits (N, classes))``, all from one forward.
         """
@@ -245,7 +245,8 @@ class TSGB:
         """``explain`` for an already validated ``x``; the model runs as
         ``model(x, *forward_args)``; ``per_element``: the maps are ``gx * x`` (N, C, H, W),
         not summed over channels (one target per sample only); ``targets_hint``: T, when the
-        caller knows it (``factorize="auto"`` factorises for T >= 2; 0: never)."""
+        caller knows it (``factorize="auto"`` factorises from ``factor.AUTO_MIN_TARGETS`` on;
+        0: never)."""
         p = next((t for t in self.model.parameters() if t.is_floating_point()), None)
         if p is not None and amp_dtype is None and x.dtype != p.dtype:
             raise TypeError(f"x is {x.dtype} but the model's parameters are {p.dtype}: convert "
@@ -276,9 +277,15 @@ class TSGB:
                 or hint == 0):  # 0: the caller asks for the batched path
             return False
         if self.factorize == "auto":
-            return (hint is not None and hint >= 2 and self.compile is None
-                    and backend is not backends.HOOKS
-                    and x.dtype in (torch.float32, torch.float64))
+            if not (hint is not None and self.compile is None and backend is not backends.HOOKS
+                    and x.dtype in (torch.float32, torch.float64)):
+                return False
+            if hint < factor.AUTO_MIN_TARGETS:
+                self.factor_status = (f"factorize='auto' uses the batched backward for fewer "
+                                      f"than {factor.AUTO_MIN_TARGETS} targets ({hint}); "
+                                      f"factorize=True forces the factorised path")
+                return False
+            return True
         return True
 
     def _plan(self):
@@ -310,21 +317,10 @@ class TSGB:
         return maps, tgt, logits
 
     def _has_plan(self, in_block: bool) -> bool:
-        """Whether the factorised path runs: the model has a plan and, under ``"auto"``, no
-        reason to prefer the batched backward (grouped convs: :attr:`FactorPlan.auto_reason`)."""
         if in_block:
-            plan = self._factor_plan
-        else:
-            with self._factor_hold(False) as plan:
-                pass
-        if plan is None:
-            return False
-        if self.factorize == "auto" and plan.auto_reason is not None:
-            self.factor_status = (f"factorize='auto' uses the batched backward: "
-                                  f"{plan.auto_reason} (factorize=True forces the factorised "
-                                  f"path)")
-            return False
-        return True
+            return self._factor_plan is not None
+        with self._factor_hold(False) as plan:
+            return plan is not None
 
     def pixel_classes(self, x: torch.Tensor, classes=None, k: int = 1, chunk: int = 64
                       ) -> Tuple[torch.Tensor, torch.Tensor]:

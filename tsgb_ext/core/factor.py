@@ -272,33 +272,6 @@ class FactorPlan:
         self.input_node = next(n for n in self.nodes if n.op == "placeholder")
         self.active: set = set()
         self.paths: Dict[str, str] = {}  # node name -> path taken in the last call
-        #: why ``factorize="auto"`` keeps this model on the batched backward (None: it doesn't)
-        self.auto_reason: Optional[str] = _grouped_conv(self.modules, self.nodes)
-
-
-def _grouped_conv(modules: Dict[str, nn.Module], nodes) -> Optional[str]:
-    """The first grouped conv the graph calls that is not depthwise (groups < C_in or
-    C_out != C_in), as a reason, or None. Its input gradient is materialised (T dense passes),
-    so the factorised path saves little around it and costs its terms' bookkeeping: measured
-    (2-core CPU, float32, 224x224) on ResNeXt50 0.82x / 1.13x / 0.79x the batched backward's
-    speed at T = 5 / 20 / 100 (benchmarks/RESULTS.md). Depthwise convs keep the terms (a per-channel stencil) and are
-    not a reason."""
-    for n in nodes:
-        m = modules.get(n.target) if n.op == "call_module" else None
-        if isinstance(m, nn.Conv2d):
-            groups, cin, cout = m.groups, m.in_channels, m.out_channels
-            name = n.target
-        elif n.op == "call_function" and n.target is torch.conv2d and n.meta.get("tsgb_rule"):
-            m = modules.get(n.meta["tsgb_rule"])
-            if not isinstance(m, nn.Conv2d):
-                continue
-            groups = bind_conv2d(n.args, n.kwargs)["groups"]
-            cin, cout, name = m.in_channels, m.out_channels, n.meta["tsgb_rule"]
-        else:
-            continue
-        if groups != 1 and not (groups == cin == cout):
-            return f"{name} is a grouped conv (groups={groups}, not depthwise)"
-    return None
 
 
 def _unsupported(model: nn.Module) -> Optional[str]:
@@ -1358,6 +1331,11 @@ _LAZY = {_bn, _relu_module, _relu_fn, _relu6_fn, _hardtanh_fn, _add, _identity_m
 #: a max pool, one copy of W by position, cached). Measured (VGG16 fc1, 2 CPU threads): the
 #: dense u @ W is cheaper below ~50 targets
 LAZY_LINEAR_MIN_T = 64
+#: ``factorize="auto"`` takes the factorised path from this many targets per call on. Measured
+#: (2-core CPU, float32, 224x224, benchmarks/RESULTS.md): against the batched backward it is
+#: 0.6-0.8x at T = 2 (ResNet50, MobileNet-V2, RegNetY-800MF, GoogLeNet), 0.7-1.06x at T = 3,
+#: 0.84-1.44x at T = 5 on 12 models, and 1.4-3.2x at T = 20 but GoogLeNet's 0.89x
+AUTO_MIN_TARGETS = 5
 _METHOD_RULES = {"add": _add, "add_": _add, "relu": _relu_fn, "relu_": _relu_fn,
                  "flatten": _reshape, "view": _reshape, "reshape": _reshape, "mean": _mean,
                  "mul": _product, "mul_": _product, "sigmoid": _elementwise,
