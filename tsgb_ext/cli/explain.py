@@ -527,8 +527,8 @@ def _explain_loop(job: _Job, mine, tally: _Tally) -> bool:
     try:
         # one conversion for the whole run (the command owns the model), so the native
         # backend also reuses the CPU activation memory from batch to batch
-        # factorize="auto": the factorised backward for two or more targets per image
-        # (the pipeline tells explain how many), the batched one for models it suits better
+        # factorize="auto": the factorised backward from AUTO_MIN_TARGETS targets per image on
+        # (the pipeline tells explain how many), the batched one below that
         with TSGB(model, backend=job.backend) as ex:
             for res in pipeline.explain_batches(ex, dl, target=target, top_k=top_k, device=dev,
                                                 amp=args.amp, mean=job.mean, std=job.std):
