@@ -670,3 +670,36 @@ def test_timm_linear_subclass_is_the_classifier():
     assert ex.last_path == "factorised", ex.factor_status
     assert ex.report().paths["6"] == "classifier rows" and ex.report().paths["4"] == "dense"
     assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
+
+
+class PaddedProducts(nn.Module):
+    """Forms that must not take the terms' shortcuts: a non-zero constant pad and a reflect
+    pad (their ordinary gradient, by autograd), a product of two feature maps (both factors
+    active, same shape), a scalar product and a true division."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3)
+        self.pad = nn.ConstantPad2d(1, 0.5)
+        self.c2 = nn.Conv2d(6, 6, 3)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        z = self.c2(self.pad(y))
+        z = F.relu(z) * z * 2.0 + F.pad(z, (1, 1, 1, 1), mode="reflect")[..., 1:-1, 1:-1] / 3
+        return self.fc(z.mean((2, 3)))
+
+
+@pytest.mark.parametrize("T", [2, 6])
+def test_non_zero_padding_and_products_of_feature_maps(T):
+    torch.manual_seed(0)
+    m = PaddedProducts().double().eval()
+    x = torch.randn(2, 3, 12, 13, dtype=torch.float64)
+    tgt = random_targets(2, T, 10, seed=T)
+    ex = tsgb_ext.TSGB(m, factorize=True)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised", ex.factor_status
+    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
+    paths = ex.report().paths
+    assert paths["pad"] == "autograd" and paths["pad_1"] == "autograd"
