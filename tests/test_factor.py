@@ -36,6 +36,16 @@ def check_close(model, x, tgt, got, want):
     assert err <= max(1e-9, F64_SPREAD_FACTOR * spread), (err, spread)
 
 
+def factorised_paths(model, x, tgt):
+    """Maps by ``factorize=True``: the factorised path ran and equals T single-target batched
+    calls (float64, 1e-9); returns ``report().paths``."""
+    ex = tsgb_ext.TSGB(model, factorize=True)
+    got = ex.attribute(x, tgt)
+    assert ex.last_path == "factorised", ex.factor_status
+    assert rel_err(got, single_target_maps(model, x, tgt)) <= 1e-9
+    return ex.report().paths
+
+
 def random_targets(n, t, classes, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, classes, (n, t), generator=g)
@@ -408,11 +418,7 @@ def test_own_forward_subclasses_are_traced_into(T):
     m = own_forward_net()
     x = torch.randn(2, 3, 23, 26, dtype=torch.float64)
     tgt = random_targets(2, T, 10, seed=T)
-    ex = tsgb_ext.TSGB(m, factorize=True)
-    got = ex.attribute(x, tgt)
-    assert ex.last_path == "factorised", ex.factor_status
-    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
-    paths = ex.report().paths
+    paths = factorised_paths(m, x, tgt)
     # the routed calls are reported under their modules' names
     assert paths["c2"] == "factorised"
     # below the addition: 2 terms, materialised for T = 2 (more terms than T - 1)
@@ -522,11 +528,7 @@ def test_depthwise_convs_keep_the_terms(T):
     m = m.double().eval()
     x = torch.randn(2, 3, 37, 42, dtype=torch.float64)
     tgt = random_targets(2, T, 10, seed=T)
-    ex = tsgb_ext.TSGB(m, factorize=True)
-    got = ex.attribute(x, tgt)
-    assert ex.last_path == "factorised", ex.factor_status
-    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
-    paths = ex.report().paths
+    paths = factorised_paths(m, x, tgt)
     assert paths["dw4"] == paths["dw3"] == "factorised"  # a channel term; non-overlapping
     # one term per window offset within the budget of T - 1 terms (9 for 3x3, 25 for 5x5)
     assert paths["dw1"] == ("factorised" if T > 9 else "dense")
@@ -577,11 +579,7 @@ def test_elementwise_and_squeeze_excitation_keep_the_terms(T):
     m = SqueezeExciteNet().double().eval()
     x = torch.randn(2, 3, 25, 30, dtype=torch.float64)
     tgt = random_targets(2, T, 10, seed=T)
-    ex = tsgb_ext.TSGB(m, factorize=True)
-    got = ex.attribute(x, tgt)
-    assert ex.last_path == "factorised", ex.factor_status
-    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
-    paths = ex.report().paths
+    paths = factorised_paths(m, x, tgt)
     assert "autograd" not in paths.values(), paths
     if T == 12:  # (T = 2: the gate's second term is past the budget of T - 1 terms)
         # mul_1 is y * s (the gate); "mul", inside the gate, is on a dense (N, T, C, 1, 1)
@@ -644,11 +642,7 @@ def test_split_pieces_are_placed_back(T):
     m = SplitNet().double().eval()
     x = torch.randn(2, 3, 13, 15, dtype=torch.float64)
     tgt = random_targets(2, T, 10, seed=T)
-    ex = tsgb_ext.TSGB(m, factorize=True)
-    got = ex.attribute(x, tgt)
-    assert ex.last_path == "factorised", ex.factor_status
-    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
-    paths = ex.report().paths
+    paths = factorised_paths(m, x, tgt)
     assert "autograd" not in paths.values(), paths
     assert paths["split"] == ("factorised" if T > 2 else "dense")  # T = 2: 2 terms, dense
     assert paths["chunk"] == "factorised"
@@ -665,11 +659,8 @@ def test_timm_linear_subclass_is_the_classifier():
     m = m.double().eval()
     x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
     tgt = random_targets(2, 4, 10, seed=4)
-    ex = tsgb_ext.TSGB(m, factorize=True)
-    got = ex.attribute(x, tgt)
-    assert ex.last_path == "factorised", ex.factor_status
-    assert ex.report().paths["6"] == "classifier rows" and ex.report().paths["4"] == "dense"
-    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
+    paths = factorised_paths(m, x, tgt)
+    assert paths["6"] == "classifier rows" and paths["4"] == "dense"
 
 
 class PaddedProducts(nn.Module):
@@ -697,9 +688,5 @@ def test_non_zero_padding_and_products_of_feature_maps(T):
     m = PaddedProducts().double().eval()
     x = torch.randn(2, 3, 12, 13, dtype=torch.float64)
     tgt = random_targets(2, T, 10, seed=T)
-    ex = tsgb_ext.TSGB(m, factorize=True)
-    got = ex.attribute(x, tgt)
-    assert ex.last_path == "factorised", ex.factor_status
-    assert rel_err(got, single_target_maps(m, x, tgt)) <= 1e-9
-    paths = ex.report().paths
+    paths = factorised_paths(m, x, tgt)
     assert paths["pad"] == "autograd" and paths["pad_1"] == "autograd"

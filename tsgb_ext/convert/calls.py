@@ -43,6 +43,13 @@ def pair(v):
     return v * 2 if len(v) == 1 else v
 
 
+def pool_stride(stride, kernel_size):
+    """avg_pool2d's stride argument: None or empty means the kernel size."""
+    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+        return kernel_size
+    return stride
+
+
 def bind_conv2d(args, kwargs):
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}

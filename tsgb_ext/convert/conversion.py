@@ -27,10 +27,9 @@ import torch.nn as nn
 from . import degenerate, rewrites
 from .classifier import ClassifierState
 from .fusion import build_plan, conv_relu_pairs, module_fingerprint
+from .layer_map import set_instance_forward
 from .patches import LayerPatches
 from .routing import RuleCalls
-
-_MISSING = object()
 
 
 class Conversion(LayerPatches, RuleCalls):
@@ -68,16 +67,8 @@ class Conversion(LayerPatches, RuleCalls):
 
     # -- patching ---------------------------------------------------------------------
     def _set_forward(self, m: nn.Module, fn: Callable) -> Callable[[], None]:
-        old = m.__dict__.get("forward", _MISSING)
-
-        def undo(m=m, old=old):
-            if old is _MISSING:
-                m.__dict__.pop("forward", None)
-            else:
-                m.__dict__["forward"] = old
-
+        undo = set_instance_forward(m, fn)
         self._undo.append(undo)
-        m.__dict__["forward"] = fn
         return undo
 
     # -- the degenerate-relevance check (tsgb_ext.convert.degenerate) ----------------------

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .calls import bind_conv2d, conv_args, pair
-from .layer_map import overrides, own_forward
+from .layer_map import overrides, own_forward, set_instance_forward
 
 # ---- conv -> BN -> activation fusion (traced graph) ------------------------------------------
 _ACT_MODULES = {nn.ReLU: 1, nn.ReLU6: 2}
@@ -65,7 +65,6 @@ class _Tracer(fx.Tracer):
 
     def _intercept(self, m: nn.Module, name: str) -> Callable[[], None]:
         """m's instance forward, while tracing: a call_module node for a call with a proxy."""
-        old = m.__dict__.get("forward", _MISSING)
         run = m.forward  # what an ordinary call runs (its instance forward or its class's)
         tracer = self
 
@@ -73,17 +72,7 @@ class _Tracer(fx.Tracer):
             if any(isinstance(a, fx.Proxy) for a in _leaves((args, kwargs))):
                 return tracer.create_proxy("call_module", name, args, kwargs)
             return run(*args, **kwargs)
-        m.__dict__["forward"] = forward
-
-        def undo():
-            if old is _MISSING:
-                m.__dict__.pop("forward", None)
-            else:
-                m.__dict__["forward"] = old
-        return undo
-
-
-_MISSING = object()
+        return set_instance_forward(m, forward)
 
 
 class _RuleTracer(_Tracer):
@@ -119,7 +108,6 @@ class _RuleTracer(_Tracer):
     def _tagging(self, m: nn.Module, name: str) -> Callable[[], None]:
         """m's instance forward while tracing: its own forward, with ``name`` on the stack of
         rule layers being traced (only for a call with a proxy)."""
-        old = m.__dict__.get("forward", _MISSING)
         run, inside = m.forward, self._inside
 
         def forward(*args, **kwargs):
@@ -130,14 +118,7 @@ class _RuleTracer(_Tracer):
                 return run(*args, **kwargs)
             finally:
                 inside.pop()
-        m.__dict__["forward"] = forward
-
-        def undo():
-            if old is _MISSING:
-                m.__dict__.pop("forward", None)
-            else:
-                m.__dict__["forward"] = old
-        return undo
+        return set_instance_forward(m, forward)
 
 
 _RULE_LEAVES = (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Linear)

@@ -3,7 +3,7 @@ the classifier Linear, their subclasses (with or without their own forward), and
 ``TSGB.report()`` (:func:`describe_rules`)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,22 @@ def own_forward(m: nn.Module) -> bool:
             return overrides(m, base, *names)
     return False
 
+
+
+_MISSING = object()
+
+
+def set_instance_forward(m: nn.Module, forward: Callable) -> Callable[[], None]:
+    """Give ``m`` an instance-level ``forward``; returns the undo (restores what was there)."""
+    old = m.__dict__.get("forward", _MISSING)
+    m.__dict__["forward"] = forward
+
+    def undo():
+        if old is _MISSING:
+            m.__dict__.pop("forward", None)
+        else:
+            m.__dict__["forward"] = old
+    return undo
 
 
 def overrides(module: nn.Module, base: type, *names: str) -> bool:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from .calls import (BN_DEFAULTS, BN_NAMES, LINEAR_NAMES, POOL_DEFAULTS, POOL_NAMES, bind,
-                    bind_conv2d, conv_args, pair)
+                    bind_conv2d, conv_args, pair, pool_stride)
 from .classifier import DeferredLinear
 from .layer_map import RULE_FUNCS
 
@@ -67,8 +67,7 @@ class RuleCalls:
 
     def _pool_call(self, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
                    divisor_override):
-        if stride is None or (not isinstance(stride, int) and len(stride) == 0):
-            stride = kernel_size
+        stride = pool_stride(stride, kernel_size)
         return self.backend.avg_pool2d(x, pair(kernel_size), pair(stride), pair(padding),
                                        bool(ceil_mode), bool(count_include_pad),
                                        divisor_override)

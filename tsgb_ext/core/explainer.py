@@ -61,8 +61,8 @@ class TSGB:
             for ``attribute`` with an (N, T) target and ``explain(..., num_targets=T)``,
             T >= ``factor.AUTO_MIN_TARGETS`` (5: measured slower below), float32/float64
             input, no ``compile``; ``True``: for every call; ``False``: never.
-            Models it cannot take (untraceable, hooks, ...) use the batched backward; ``report()`` says which path each node
-            took and why.
+            Models it cannot take (untraceable, hooks, ...) use the batched backward;
+            ``report()`` says which path each node took and why.
     """
 
     def __init__(self, model: nn.Module, backend: str = "auto",

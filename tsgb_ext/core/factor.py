@@ -64,9 +64,8 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input
 
 from ..convert.calls import (BN_DEFAULTS, BN_NAMES, POOL_DEFAULTS, POOL_NAMES, bind,
-                             bind_conv2d)
+                             bind_conv2d, pair as _pair, pool_stride)
 from ..convert.fusion import module_fingerprint, trace_graph
-from ..convert.layer_map import own_forward
 
 EPS = 1e-10
 
@@ -142,10 +141,6 @@ def _merge(terms):
 
 
 # ---- window geometry (conv, pools) ---------------------------------------------------------
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _place(P: torch.Tensor, delta, geom, size) -> torch.Tensor:
     """Zeros of the input's spatial ``size`` with ``P[..., o]`` at input position
     ``o * stride - padding + delta * dilation`` (window offset ``delta``), where in range."""
@@ -646,17 +641,15 @@ def _conv_rule(w: _Backward, node, rep: Rep, k, stride, padding, dilation, group
     """The TSGB conv rule at ``node`` (input ``node.args[0]``) for this window geometry."""
     x, y = w.env[node.args[0]], w.env[node]
     N, C, H, W = x.shape
-    ones = x.new_ones((1, 1) + _pair(k))
+    geom = (_pair(k), _pair(stride), _pair(padding), _pair(dilation))
     if groups == 1:
         w.mark(node, "factorised" if rep.dense is None else "dense")
         s = _contract(rep, y if rep.pend is None else w._mul(rep.pend, y))
-        geom = (_pair(k), _pair(stride), _pair(padding), _pair(dilation))
-        d = w.cached(("boxsum", node), lambda: _box_sum(x, ones, geom))
+        d = w.cached(("boxsum", node), lambda: _box_sum(x, x.new_ones((1, 1) + geom[0]), geom))
         r = s.div_(d)  # s: _contract's own tensor
         t = _spread(r, geom, (H, W))
         w.send(node.args[0], Rep(sp=[(w.sign(node.args[0]), t.unsqueeze(2))]))
         return
-    geom = (_pair(k), _pair(stride), _pair(padding), _pair(dilation))
     rep = w.resolve(rep)
     if groups == C == y.shape[1] and (rep.sp or rep.ch):
         _depthwise(w, node, rep, geom)
@@ -889,8 +882,7 @@ def _avgpool_rule(w: _Backward, node, rep: Rep, kernel_size, stride, padding, ce
     """The TSGB AvgPool2d rule at ``node`` (the same stencil as its ordinary gradient)."""
     x, y = w.env[node.args[0]], w.env[node]
     H, W = x.shape[2:]
-    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
-        stride = kernel_size
+    stride = pool_stride(stride, kernel_size)
     geom = (_pair(kernel_size), _pair(stride), _pair(padding), (1, 1))
     ones = x.new_ones((1, 1, H, W))
     a = F.avg_pool2d(ones, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -1108,7 +1100,6 @@ def _product(w: _Backward, node, rep: Rep):
             plan.append((src, "gate", i))
         else:
             return False
-    rep = w.resolve(rep)
     w.mark(node, "factorised" if rep.dense is None else "dense")
     for src, how, i in plan:
         other = vals[1 - i]
@@ -1189,7 +1180,7 @@ def _routed_avgpool(w, node, rep):
     if _rule_module(w, node, nn.AvgPool2d) is None or not isinstance(x, torch.Tensor) \
             or x.dim() != 4:
         return False
-    _avgpool_rule(w, node, w.resolve(rep), b["kernel_size"], b["stride"], b["padding"],
+    _avgpool_rule(w, node, rep, b["kernel_size"], b["stride"], b["padding"],
                   b["ceil_mode"], b["count_include_pad"], b["divisor_override"])
     _as_module_path(w, node)
 
@@ -1236,8 +1227,8 @@ def _split(w: _Backward, node, rep: Rep):
         def wide(t, d):  # t zero-padded to all C channels along dim d
             pad = [0, 0] * (t.dim() - 1 - d) + [lo, x.shape[1] - hi]
             return F.pad(t, pad)
-        ones = x.new_ones((N, hi - lo) + tuple(x.shape[2:]))
-        sp = [(wide(ones if A is None else A, 1), b) for A, b in p.sp]
+        sp = [(wide(x.new_ones((N, hi - lo) + tuple(x.shape[2:])) if A is None else A, 1), b)
+              for A, b in p.sp]
         ch = [(A if A is None else wide(A, 1), wide(v, 2)) for A, v in p.ch]
         w.send(node.args[0], Rep(None if p.dense is None else wide(p.dense, 2), sp, ch))
     return None
@@ -1250,7 +1241,6 @@ def _getitem(w: _Backward, node, rep: Rep):
             and isinstance(w.env[src], (tuple, list))):
         return False
     idx %= len(w.env[src])
-    rep = w.resolve(rep)
     old = w.pieces.setdefault(src, {}).get(idx)
     w.pieces[src][idx] = rep if old is None else old.plus(rep)
     w.mark(node, "pass")
@@ -1406,7 +1396,7 @@ class Run:
             if rep is None:
                 maps = x.new_zeros((x.shape[0], targets.shape[1]) + tuple(x.shape[2:]))
             else:
-                maps = _input_maps(rep, self.fwd.env[plan.input_node])
+                maps = _contract(rep, self.fwd.env[plan.input_node])  # sum_c gx * x
         plan.paths = walk.paths
         return maps.to(x.dtype)
 
@@ -1417,21 +1407,6 @@ def explain(plan: FactorPlan, x: torch.Tensor, select, classifier: Optional[nn.M
     run = Run(plan, x, classifier)
     targets = select(run.logits)
     return run.maps(targets), targets, run.logits, run.classifier
-
-
-def _input_maps(rep: Rep, x: torch.Tensor) -> torch.Tensor:
-    """sum over colour channels of gx * x, (N, T, H, W), term by term."""
-    s = None
-    for A, b in rep.sp:
-        term = b[:, :, 0] * _csum(x if A is None else A * x)
-        s = term if s is None else s + term
-    for A, v in rep.ch:
-        term = torch.einsum("ntc,nchw->nthw", v[:, :, :, 0, 0], x if A is None else A * x)
-        s = term if s is None else s + term
-    if rep.dense is not None:
-        term = (rep.dense * x.unsqueeze(1)).sum(2)
-        s = term if s is None else s + term
-    return s
 
 
 class NotFactorisable(RuntimeError):

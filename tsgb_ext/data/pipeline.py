@@ -154,9 +154,10 @@ def _num_targets(target: TargetSpec, top_k: Optional[int]) -> Optional[int]:
     """T, where the target spec fixes it before the forward (None: known only from it)."""
     if top_k is not None:
         return top_k
-    if target is None or isinstance(target, (str, int)):
-        return 1 if target is None or target == "top1" or isinstance(target, int) else None
-    if callable(target):
+    if target is None or isinstance(target, int) or (isinstance(target, str)
+                                                      and target == "top1"):
+        return 1
+    if isinstance(target, str) or callable(target):  # "batch" (or a bad name), f(meta, logits)
         return None
     try:
         return max(1, len(target))
